@@ -1,0 +1,246 @@
+//! Kubernetes access: the client, how API errors are classified, and the workload scan that
+//! rebuilds the index.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::PodSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, ListParams};
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+
+use crate::image::ImageRef;
+use crate::index::{Index, Scope};
+use crate::workload::{ENABLED_ANNOTATION, WorkloadKind, WorkloadRef, template_images};
+
+/// Page size for LISTs: big enough to keep round trips few, small enough for the API server.
+pub const LIST_PAGE: u32 = 500;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot configure the Kubernetes client (KUBECONFIG or in-cluster): {0}")]
+    Config(String),
+    #[error("listing {resource}{scope}: {source}")]
+    List {
+        resource: &'static str,
+        scope: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl ClusterError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            ClusterError::Config(_) => ErrorClass::Permanent,
+            ClusterError::List { source, .. } => classify(source),
+        }
+    }
+}
+
+/// Builds a client with kube's config inference (KUBECONFIG, then in-cluster).
+///
+/// kube's own retry layer is off: it would retry 429/5xx up to 15 times with delays of up to
+/// 1000 s, hidden from our attempt counting and far past the Pub/Sub lease.
+pub async fn client() -> Result<Client, ClusterError> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(|e| ClusterError::Config(e.to_string()))?;
+    config.default_retry = false;
+    config.connect_timeout = Some(Duration::from_secs(5));
+    config.read_timeout = Some(Duration::from_secs(30));
+    config.write_timeout = Some(Duration::from_secs(10));
+    Client::try_from(config).map_err(|e| ClusterError::Config(e.to_string()))
+}
+
+/// Whether retrying can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Connection errors, timeouts, 5xx, 429, 409, 401 (a token about to be refreshed).
+    Transient { retry_after: Option<Duration> },
+    /// 403 (RBAC), 404 (gone), 422 (invalid), other 4xx, and anything we cannot retry.
+    Permanent,
+}
+
+pub fn classify(error: &kube::Error) -> ErrorClass {
+    match error {
+        kube::Error::Api(status) => {
+            let retry_after = status
+                .details
+                .as_ref()
+                .map(|d| d.retry_after_seconds)
+                .filter(|s| *s > 0)
+                .map(|s| Duration::from_secs(u64::from(s)));
+            match status.code {
+                // code 0: the body was not a Status, so we know nothing; assume a proxy hiccup.
+                0 | 401 | 408 | 409 | 429 | 500..=599 => ErrorClass::Transient { retry_after },
+                _ => ErrorClass::Permanent,
+            }
+        }
+        kube::Error::HyperError(_)
+        | kube::Error::Service(_)
+        | kube::Error::SerdeError(_)
+        | kube::Error::ReadEvents(_) => ErrorClass::Transient { retry_after: None },
+        _ => ErrorClass::Permanent,
+    }
+}
+
+/// HTTP status of an API error, for metrics, logs and dead-letter reasons.
+pub fn status_code(error: &kube::Error) -> Option<u16> {
+    match error {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+/// Lists every workload in scope and indexes the images their pod templates run.
+///
+/// Workloads annotated `gar-restarter/enabled: "false"` are left out.
+pub async fn scan(client: &Client, scope: &Scope) -> Result<Index, ClusterError> {
+    let mut entries = Vec::new();
+    scan_kind::<Deployment>(client, scope, WorkloadKind::Deployment, &mut entries, |d| {
+        let spec = d.spec.as_ref();
+        (
+            spec.and_then(|s| s.template.spec.as_ref()),
+            spec.and_then(|s| s.paused).unwrap_or(false),
+        )
+    })
+    .await?;
+    scan_kind::<StatefulSet>(
+        client,
+        scope,
+        WorkloadKind::StatefulSet,
+        &mut entries,
+        |s| {
+            (
+                s.spec.as_ref().and_then(|s| s.template.spec.as_ref()),
+                false,
+            )
+        },
+    )
+    .await?;
+    scan_kind::<DaemonSet>(client, scope, WorkloadKind::DaemonSet, &mut entries, |d| {
+        (
+            d.spec.as_ref().and_then(|s| s.template.spec.as_ref()),
+            false,
+        )
+    })
+    .await?;
+    Ok(Index::build(
+        entries,
+        scope.clone(),
+        crate::clock::now_rfc3339(),
+    ))
+}
+
+async fn scan_kind<K>(
+    client: &Client,
+    scope: &Scope,
+    kind: WorkloadKind,
+    out: &mut Vec<(WorkloadRef, Vec<ImageRef>)>,
+    template: impl Fn(&K) -> (Option<&PodSpec>, bool),
+) -> Result<(), ClusterError>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let apis: Vec<(Api<K>, String)> = if scope.namespaces.is_empty() {
+        vec![(Api::all(client.clone()), String::new())]
+    } else {
+        scope
+            .namespaces
+            .iter()
+            .map(|ns| {
+                (
+                    Api::namespaced(client.clone(), ns),
+                    format!(" in namespace {ns}"),
+                )
+            })
+            .collect()
+    };
+    for (api, where_) in apis {
+        let mut lp = ListParams::default().limit(LIST_PAGE);
+        if let Some(sel) = &scope.selector {
+            lp = lp.labels(sel);
+        }
+        loop {
+            let page = api.list(&lp).await.map_err(|source| ClusterError::List {
+                resource: kind.plural(),
+                scope: where_.clone(),
+                source,
+            })?;
+            for item in &page.items {
+                let meta: &ObjectMeta = item.meta();
+                if opted_out(meta) {
+                    continue;
+                }
+                let (Some(ns), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref())
+                else {
+                    continue;
+                };
+                let (spec, paused) = template(item);
+                let (images, invalid) = template_images(spec);
+                for image in invalid {
+                    tracing::warn!(workload = %format!("{kind} {ns}/{name}"), image, "skipping unparseable image reference");
+                }
+                if images.is_empty() {
+                    continue;
+                }
+                let mut w = WorkloadRef::new(kind, ns, name);
+                w.paused = paused;
+                out.push((w, images));
+            }
+            match page.metadata.continue_.as_deref() {
+                Some(token) if !token.is_empty() => lp = lp.continue_token(token),
+                _ => break,
+            }
+        }
+    }
+    Ok(())
+}
+
+fn opted_out(meta: &ObjectMeta) -> bool {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(ENABLED_ANNOTATION))
+        .is_some_and(|v| v.eq_ignore_ascii_case("false"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::Status;
+
+    fn api_err(code: u16, retry: u32) -> kube::Error {
+        let s: Status = serde_json::from_value(serde_json::json!({
+            "status": "Failure", "message": "x", "reason": "Reason", "code": code,
+            "details": {"retryAfterSeconds": retry}
+        }))
+        .unwrap();
+        kube::Error::Api(Box::new(s))
+    }
+
+    #[test]
+    fn classification() {
+        for code in [403, 404, 422, 400] {
+            assert_eq!(classify(&api_err(code, 0)), ErrorClass::Permanent, "{code}");
+        }
+        for code in [500, 502, 503, 504, 409] {
+            assert_eq!(
+                classify(&api_err(code, 0)),
+                ErrorClass::Transient { retry_after: None },
+                "{code}"
+            );
+        }
+        assert_eq!(
+            classify(&api_err(429, 3)),
+            ErrorClass::Transient {
+                retry_after: Some(Duration::from_secs(3))
+            }
+        );
+    }
+}

@@ -1,0 +1,703 @@
+//! Command line and configuration: clap flags, `GAR_RESTARTER_*` environment variables and a
+//! TOML file, in that order of precedence.
+//!
+//! The file is merged by re-feeding its keys to clap as flags, so a file value is validated by
+//! exactly the same parser as a flag and an error names the same field.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gar-restarter",
+    version,
+    about = "Restarts the Kubernetes workloads that run an image when Google Artifact Registry \
+             publishes a push event",
+    long_about = "Restarts the Kubernetes workloads that run an image when Google Artifact \
+                  Registry publishes a push event.\n\nEvery flag can also be set with an \
+                  environment variable GAR_RESTARTER_<FLAG> and with a key named like the flag \
+                  in the TOML file given by --config. Flags beat the environment, which beats \
+                  the file.\n\nPUBSUB_EMULATOR_HOST=host:port selects the Pub/Sub emulator; \
+                  otherwise Application Default Credentials are used. Kubernetes access uses \
+                  KUBECONFIG, then the in-cluster service account. RUST_LOG filters logs; \
+                  OTEL_EXPORTER_OTLP_* configures trace export.",
+    args_override_self = true
+)]
+pub struct Cli {
+    /// TOML configuration file; its keys are the long flag names (e.g. `dead-letter-topic`).
+    #[arg(long, global = true, env = "GAR_RESTARTER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Log format. Defaults to `json` inside a cluster (KUBERNETES_SERVICE_HOST set), else `text`.
+    #[arg(long, global = true, env = "GAR_RESTARTER_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: consume push events and restart matching workloads.
+    Run(RunArgs),
+    /// Print, as JSON, the workloads a push of IMAGE would restart.
+    Check(CheckArgs),
+    /// Dead-letter topic tools.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Republish dead-lettered messages to the source topic, stripped of their `dlq_*` attributes.
+    Replay(ReplayArgs),
+}
+
+/// Which workloads are in scope and where the image index lives; shared by `run` and `check`.
+#[derive(Debug, Clone, Args)]
+pub struct ScopeArgs {
+    /// Namespace to watch; repeat for several. Default: all namespaces.
+    #[arg(long = "namespace", env = "GAR_RESTARTER_NAMESPACE", value_name = "NS",
+          value_delimiter = ',', value_parser = parse_namespace)]
+    pub namespaces: Vec<String>,
+
+    /// Label selector limiting which workloads are indexed, e.g. `team=web,tier!=batch`.
+    #[arg(long, env = "GAR_RESTARTER_SELECTOR", value_name = "SELECTOR")]
+    pub selector: Option<String>,
+
+    /// Directory holding `cache.json` from the cache ConfigMap volume (mounted optional).
+    #[arg(
+        long,
+        env = "GAR_RESTARTER_CACHE_DIR",
+        value_name = "DIR",
+        default_value = "/etc/cache"
+    )]
+    pub cache_dir: PathBuf,
+
+    /// The cache ConfigMap as NAMESPACE/NAME. Default: the pod's namespace (POD_NAMESPACE or the
+    /// service-account namespace file) and the name `gar-restarter-cache`.
+    #[arg(long, env = "GAR_RESTARTER_CACHE_CONFIGMAP", value_name = "NS/NAME",
+          value_parser = parse_configmap)]
+    pub cache_configmap: Option<ObjectName>,
+
+    /// A lookup miss triggers no rebuild if the last rebuild is younger than this.
+    #[arg(long, env = "GAR_RESTARTER_MIN_REBUILD_INTERVAL", value_name = "DURATION",
+          default_value = "30s", value_parser = parse_duration)]
+    pub min_rebuild_interval: Duration,
+
+    /// Rebuild the index this often to find new workloads using already-indexed images.
+    #[arg(long, env = "GAR_RESTARTER_REFRESH_INTERVAL", value_name = "DURATION",
+          default_value = "10m", value_parser = parse_duration)]
+    pub refresh_interval: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Subscription on the GAR topic, as projects/P/subscriptions/S.
+    #[arg(long, env = "GAR_RESTARTER_SUBSCRIPTION", value_name = "SUBSCRIPTION",
+          value_parser = parse_subscription)]
+    pub subscription: String,
+
+    /// Topic that receives messages which failed for good, as projects/P/topics/T.
+    #[arg(long, env = "GAR_RESTARTER_DEAD_LETTER_TOPIC", value_name = "TOPIC",
+          value_parser = parse_topic)]
+    pub dead_letter_topic: String,
+
+    #[command(flatten)]
+    pub scope: ScopeArgs,
+
+    /// Log what would be restarted, patch nothing, and still ack.
+    #[arg(long, env = "GAR_RESTARTER_DRY_RUN")]
+    pub dry_run: bool,
+
+    /// Address serving /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "GAR_RESTARTER_METRICS_ADDR",
+        value_name = "HOST:PORT",
+        default_value = "0.0.0.0:9090"
+    )]
+    pub metrics_addr: SocketAddr,
+
+    /// Deliveries of one message before it is dead-lettered as `exhausted`.
+    #[arg(long, env = "GAR_RESTARTER_MAX_ATTEMPTS", value_name = "N", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_attempts: u32,
+
+    /// Messages processed concurrently.
+    #[arg(long, env = "GAR_RESTARTER_MAX_IN_FLIGHT", value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_in_flight: u32,
+
+    /// Time budget for in-process retries of transient API errors within one delivery; kept
+    /// well below the lease so a message is never redelivered while still being worked on.
+    #[arg(long, env = "GAR_RESTARTER_RETRY_BUDGET", value_name = "DURATION",
+          default_value = "30s", value_parser = parse_duration)]
+    pub retry_budget: Duration,
+
+    /// A second delivery of the same (workload, digest) within this window restarts nothing.
+    #[arg(long, env = "GAR_RESTARTER_DEDUPE_WINDOW", value_name = "DURATION",
+          default_value = "10m", value_parser = parse_duration)]
+    pub dedupe_window: Duration,
+
+    /// `memory`: per-replica dedupe, 1 PATCH per workload. `cluster`: GET the workload and skip
+    /// it if its template already carries the digest, then PATCH with a resourceVersion
+    /// precondition; 1 GET + 1 PATCH per workload, exact across replicas.
+    #[arg(
+        long,
+        env = "GAR_RESTARTER_DEDUPE_MODE",
+        value_enum,
+        default_value = "memory"
+    )]
+    pub dedupe_mode: DedupeMode,
+
+    /// On SIGTERM, time in-flight messages get to finish before the rest are nacked.
+    #[arg(long, env = "GAR_RESTARTER_SHUTDOWN_TIMEOUT", value_name = "DURATION",
+          default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DedupeMode {
+    Memory,
+    Cluster,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Image reference as a push event would carry it, e.g. `nginx` or `…/app:v1`.
+    #[arg(long, value_name = "REF")]
+    pub image: String,
+
+    /// Ignore the mounted and stored index and rebuild it from the cluster first.
+    #[arg(long)]
+    pub rebuild: bool,
+
+    #[command(flatten)]
+    pub scope: ScopeArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    /// Subscription on the dead-letter topic, as projects/P/subscriptions/S.
+    #[arg(long, env = "GAR_RESTARTER_DLQ_SUBSCRIPTION", value_name = "SUBSCRIPTION",
+          value_parser = parse_subscription)]
+    pub subscription: String,
+
+    /// Topic to republish to (normally the GAR topic `gcr`), as projects/P/topics/T.
+    #[arg(long, env = "GAR_RESTARTER_DLQ_TOPIC", value_name = "TOPIC", value_parser = parse_topic)]
+    pub topic: String,
+
+    /// Stop after replaying this many messages.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+
+    /// Replay only messages whose `dlq_kind` is this (malformed, permanent, exhausted); others
+    /// are left on the subscription.
+    #[arg(long, value_name = "KIND", value_parser = ["malformed", "permanent", "exhausted"])]
+    pub kind: Option<String>,
+
+    /// Print what would be replayed; publish and ack nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Exit once no message has arrived for this long.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+}
+
+/// `namespace/name` of a Kubernetes object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+fn parse_namespace(s: &str) -> Result<String, String> {
+    if is_dns_label(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a valid namespace name (RFC 1123 label)"
+        ))
+    }
+}
+
+fn parse_configmap(s: &str) -> Result<ObjectName, String> {
+    match s.split_once('/') {
+        Some((ns, name)) if is_dns_label(ns) && is_dns_subdomain(name) => Ok(ObjectName {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+        }),
+        _ => Err(format!("{s:?} is not NAMESPACE/NAME")),
+    }
+}
+
+fn parse_resource_path(s: &str, collection: &str) -> Result<String, String> {
+    let parts: Vec<&str> = s.split('/').collect();
+    let valid = parts.len() == 4
+        && parts[0] == "projects"
+        && parts[2] == collection
+        && !parts[1].is_empty()
+        && parts[3].len() >= 3
+        && parts[3].len() <= 255
+        && parts[3]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.~+%".contains(&b))
+        && parts[3].as_bytes()[0].is_ascii_alphabetic();
+    if valid {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not projects/PROJECT/{collection}/NAME"))
+    }
+}
+
+fn parse_subscription(s: &str) -> Result<String, String> {
+    parse_resource_path(s, "subscriptions")
+}
+
+fn parse_topic(s: &str) -> Result<String, String> {
+    parse_resource_path(s, "topics")
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 30s or 10m: {e}"))
+}
+
+/// Why the configuration was refused; `main` prints it and exits with code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{0}")]
+    Clap(#[from] clap::Error),
+}
+
+impl ConfigError {
+    /// Prints the error; clap's own `--help`/`--version` output goes to stdout with code 0.
+    pub fn exit(self) -> ! {
+        match self {
+            ConfigError::Clap(e) => e.exit(),
+            other => {
+                eprintln!("error: {other}");
+                std::process::exit(2)
+            }
+        }
+    }
+}
+
+impl Cli {
+    /// Parses flags and the environment, then fills what they left unset from `--config`.
+    pub fn load() -> Result<Cli, ConfigError> {
+        Self::load_from(std::env::args_os())
+    }
+
+    pub fn load_from<I, T>(args: I) -> Result<Cli, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let command = Cli::command();
+        // First pass without `required`, so that required flags may come from the file.
+        let matches = relaxed(command.clone()).try_get_matches_from(&args)?;
+        let merged = match matches.get_one::<PathBuf>("config") {
+            Some(path) => merge_file(&command, &matches, &args, path)?,
+            None => args,
+        };
+        let matches = command.try_get_matches_from(&merged)?;
+        Ok(Cli::from_arg_matches(&matches)?)
+    }
+}
+
+/// Returns `args` with the file's values inserted as flags for every key that neither a flag
+/// nor an environment variable already set.
+fn merge_file(
+    command: &clap::Command,
+    matches: &clap::ArgMatches,
+    args: &[OsString],
+    path: &Path,
+) -> Result<Vec<OsString>, ConfigError> {
+    let file_err = |message: String| ConfigError::File {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+    // Building propagates global flags (e.g. --log-format) into the subcommands.
+    let mut built = command.clone();
+    built.build();
+    let command = &built;
+    let known = file_keys(command);
+    if let Some(key) = table.keys().find(|k| !known.contains(k.as_str())) {
+        return Err(file_err(format!(
+            "unknown key {key:?} (keys are the long flag names, e.g. \"dead-letter-topic\")"
+        )));
+    }
+    let Some((sub_name, sub_matches)) = matches.subcommand() else {
+        return Ok(args.to_vec());
+    };
+    // `dlq replay` takes no file: its `subscription` would mean the DLQ's, not the daemon's.
+    let Some(sub) = command
+        .find_subcommand(sub_name)
+        .filter(|_| sub_name != "dlq")
+    else {
+        return Ok(args.to_vec());
+    };
+    let mut injected: Vec<OsString> = Vec::new();
+    for (key, value) in &table {
+        let Some(arg) = sub
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.as_str()))
+        else {
+            continue; // a key for the other subcommand
+        };
+        let explicit = matches!(
+            sub_matches.value_source(arg.get_id().as_str()),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        );
+        if explicit {
+            continue;
+        }
+        let flag = format!("--{key}");
+        let is_switch = matches!(arg.get_action(), clap::ArgAction::SetTrue);
+        match value {
+            toml::Value::Boolean(b) if is_switch => {
+                if *b {
+                    injected.push(flag.into());
+                }
+            }
+            toml::Value::Array(items) if !is_switch => {
+                for item in items {
+                    injected.push(flag.clone().into());
+                    injected.push(scalar(key, item).map_err(file_err)?.into());
+                }
+            }
+            other if !is_switch => {
+                injected.push(flag.into());
+                injected.push(scalar(key, other).map_err(file_err)?.into());
+            }
+            other => {
+                return Err(file_err(format!(
+                    "key {key:?} must be true or false, not {other}"
+                )));
+            }
+        }
+    }
+    // File values go right after the subcommand name so that anything on the real command
+    // line comes later and wins (`args_override_self`).
+    let pos = args
+        .iter()
+        .position(|a| a.to_str() == Some(sub_name))
+        .ok_or_else(|| file_err("cannot place file values".to_string()))?;
+    let mut merged = args[..=pos].to_vec();
+    merged.extend(injected);
+    merged.extend_from_slice(&args[pos + 1..]);
+    // Check the file's values alone so that a bad one is reported against the file.
+    command
+        .clone()
+        .try_get_matches_from(&merged)
+        .map(|_| merged)
+        .map_err(|e| match e.kind() {
+            clap::error::ErrorKind::ValueValidation | clap::error::ErrorKind::InvalidValue => {
+                file_err(
+                    e.to_string()
+                        .trim_start_matches("error: ")
+                        .trim()
+                        .to_string(),
+                )
+            }
+            _ => ConfigError::Clap(e),
+        })
+}
+
+fn relaxed(mut command: clap::Command) -> clap::Command {
+    for name in ["run", "check"] {
+        command = command.mut_subcommand(name, |mut sub| {
+            let ids: Vec<clap::Id> = sub.get_arguments().map(|a| a.get_id().clone()).collect();
+            for id in ids {
+                sub = sub.mut_arg(id, |a| a.required(false));
+            }
+            sub
+        });
+    }
+    command
+}
+
+fn scalar(key: &str, value: &toml::Value) -> Result<String, String> {
+    match value {
+        toml::Value::String(s) => Ok(s.clone()),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Float(f) => Ok(f.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        other => Err(format!("key {key:?} has an unsupported value {other}")),
+    }
+}
+
+/// Every long flag of `run` and `check`: the keys a config file may use.
+fn file_keys(command: &clap::Command) -> BTreeSet<String> {
+    ["run", "check"]
+        .iter()
+        .filter_map(|s| command.find_subcommand(s))
+        .flat_map(|c| c.get_arguments())
+        .filter_map(|a| a.get_long())
+        .filter(|l| !matches!(*l, "config" | "help" | "version" | "image" | "rebuild"))
+        .map(str::to_string)
+        .collect()
+}
+
+impl ScopeArgs {
+    /// The cache ConfigMap, defaulting to the pod's namespace.
+    pub fn cache_configmap(&self) -> ObjectName {
+        self.cache_configmap.clone().unwrap_or_else(|| ObjectName {
+            namespace: pod_namespace(Path::new(
+                "/var/run/secrets/kubernetes.io/serviceaccount/namespace",
+            )),
+            name: "gar-restarter-cache".to_string(),
+        })
+    }
+}
+
+fn pod_namespace(sa_file: &Path) -> String {
+    std::env::var("POD_NAMESPACE")
+        .ok()
+        .filter(|s| is_dns_label(s))
+        .or_else(|| {
+            std::fs::read_to_string(sa_file)
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| is_dns_label(s))
+        })
+        .unwrap_or_else(|| "default".to_string())
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        <Self as ValueEnum>::from_str(s, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const SUB: &str = "projects/p/subscriptions/gcr-sub";
+    const TOPIC: &str = "projects/p/topics/gcr-dlq";
+
+    fn run(args: &[&str]) -> Result<RunArgs, ConfigError> {
+        let mut argv = vec!["gar-restarter"];
+        argv.extend_from_slice(args);
+        match Cli::load_from(argv)?.command {
+            Command::Run(r) => Ok(r),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn file(contents: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(contents.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_and_flags() {
+        let r = run(&["run", "--subscription", SUB, "--dead-letter-topic", TOPIC]).unwrap();
+        assert_eq!(r.max_attempts, 5);
+        assert_eq!(r.shutdown_timeout, Duration::from_secs(20));
+        assert_eq!(r.scope.cache_dir, PathBuf::from("/etc/cache"));
+        assert!(r.scope.namespaces.is_empty());
+        let r = run(&[
+            "run",
+            "--subscription",
+            SUB,
+            "--dead-letter-topic",
+            TOPIC,
+            "--namespace",
+            "a",
+            "--namespace",
+            "b",
+            "--dry-run",
+            "--max-attempts",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(r.scope.namespaces, vec!["a", "b"]);
+        assert!(r.dry_run);
+        assert_eq!(r.max_attempts, 3);
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let e = run(&[
+            "run",
+            "--subscription",
+            "gcr-sub",
+            "--dead-letter-topic",
+            TOPIC,
+        ])
+        .unwrap_err();
+        let ConfigError::Clap(e) = e else { panic!() };
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("--subscription"), "{e}");
+        let e = run(&[
+            "run",
+            "--subscription",
+            SUB,
+            "--dead-letter-topic",
+            TOPIC,
+            "--shutdown-timeout",
+            "soon",
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("--shutdown-timeout"), "{e}");
+    }
+
+    #[test]
+    fn file_fills_what_flags_leave_unset() {
+        let f = file(&format!(
+            "subscription = \"{SUB}\"\ndead-letter-topic = \"{TOPIC}\"\nnamespace = [\"x\", \"y\"]\n\
+             max-attempts = 7\ndry-run = true\nmin-rebuild-interval = \"1m\"\n"
+        ));
+        let path = f.path().to_str().unwrap();
+        let r = run(&["run", "--config", path]).unwrap();
+        assert_eq!(r.subscription, SUB);
+        assert_eq!(r.scope.namespaces, vec!["x", "y"]);
+        assert_eq!(r.max_attempts, 7);
+        assert!(r.dry_run);
+        assert_eq!(r.scope.min_rebuild_interval, Duration::from_secs(60));
+        // A flag beats the file.
+        let r = run(&[
+            "--config",
+            path,
+            "run",
+            "--max-attempts",
+            "2",
+            "--namespace",
+            "z",
+        ])
+        .unwrap();
+        assert_eq!(r.max_attempts, 2);
+        assert_eq!(r.scope.namespaces, vec!["z"]);
+    }
+
+    #[test]
+    fn file_errors_name_file_and_key() {
+        let f = file(&format!(
+            "subscription = \"{SUB}\"\ndead-letter-topic = \"{TOPIC}\"\nmax-atempts = 3\n"
+        ));
+        let e = run(&["run", "--config", f.path().to_str().unwrap()]).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ConfigError::File { .. }));
+        assert!(
+            msg.contains("max-atempts") && msg.contains(f.path().to_str().unwrap()),
+            "{msg}"
+        );
+
+        let f = file(&format!(
+            "subscription = \"{SUB}\"\ndead-letter-topic = \"{TOPIC}\"\nmax-attempts = \"many\"\n"
+        ));
+        let msg = run(&["run", "--config", f.path().to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("--max-attempts") && msg.contains("many"),
+            "{msg}"
+        );
+
+        let f = file("this is not toml");
+        assert!(matches!(
+            run(&[
+                "run",
+                "--config",
+                f.path().to_str().unwrap(),
+                "--subscription",
+                SUB,
+                "--dead-letter-topic",
+                TOPIC
+            ]),
+            Err(ConfigError::File { .. })
+        ));
+    }
+
+    #[test]
+    fn configmap_and_resource_parsers() {
+        assert_eq!(
+            parse_configmap("ops/gar-restarter-cache")
+                .unwrap()
+                .to_string(),
+            "ops/gar-restarter-cache"
+        );
+        assert!(parse_configmap("noslash").is_err());
+        assert!(parse_configmap("Bad/x").is_err());
+        assert!(parse_topic("projects/p/topics/gcr").is_ok());
+        assert!(parse_topic("projects/p/subscriptions/gcr").is_err());
+        assert!(parse_subscription("projects//subscriptions/abc").is_err());
+    }
+
+    #[test]
+    fn shipped_config_files_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        for name in ["local.toml", "production.toml"] {
+            let path = dir.join(name);
+            let cli = Cli::load_from(["gar-restarter", "--config", path.to_str().unwrap(), "run"])
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(matches!(cli.command, Command::Run(_)), "{name}");
+        }
+    }
+
+    #[test]
+    fn help_explains_every_flag() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        for sub in cmd.get_subcommands() {
+            for arg in sub.get_arguments() {
+                if arg.get_long().is_some() {
+                    assert!(
+                        arg.get_help().is_some(),
+                        "{} --{:?} has no help",
+                        sub.get_name(),
+                        arg.get_long()
+                    );
+                }
+            }
+        }
+    }
+}

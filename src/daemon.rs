@@ -1,0 +1,143 @@
+//! `run`: wires the stages together and owns start-up and shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::{self, ClusterError};
+use crate::config::RunArgs;
+use crate::index::Scope;
+use crate::lookup::SharedIndex;
+use crate::metrics::Metrics;
+use crate::pipeline::{Pipeline, PipelineConfig};
+use crate::pubsub::{self, PubSubDeadLetters, PubSubError};
+use crate::restart::{Restarter, RetryPolicy};
+use crate::server::{self, BindError};
+use crate::source::{self, Health, SourceConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    PubSub(#[from] PubSubError),
+    #[error(transparent)]
+    Bind(#[from] BindError),
+}
+
+pub fn scope(args: &crate::config::ScopeArgs) -> Scope {
+    Scope {
+        namespaces: args.namespaces.clone(),
+        selector: args.selector.clone(),
+    }
+}
+
+/// Runs until SIGTERM/SIGINT, then drains and returns.
+pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let addr = server::spawn(
+        args.metrics_addr,
+        metrics.clone(),
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+
+    let client = cluster::client().await?;
+    let scope = scope(&args.scope);
+    let index = Arc::new(SharedIndex::default());
+    // Start-up scan, retried: the daemon stays not-ready until it has an index.
+    loop {
+        match cluster::scan(&client, &scope).await {
+            Ok(built) => {
+                metrics.set_index(built.image_count(), built.workload_count(), None);
+                tracing::info!(
+                    images = built.image_count(),
+                    workloads = built.workload_count(),
+                    "index built from a cluster scan"
+                );
+                index.store(built);
+                health.index_loaded.store(true, Ordering::Relaxed);
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "start-up scan failed; retrying in 2s");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+        }
+    }
+
+    let retry = RetryPolicy {
+        budget: args.retry_budget,
+        ..RetryPolicy::default()
+    };
+    let restarter = Restarter::new(client, args.dry_run, args.dedupe_mode, retry);
+    let pipeline = Arc::new(Pipeline::new(
+        index,
+        restarter,
+        metrics.clone(),
+        PipelineConfig {
+            max_attempts: args.max_attempts,
+            dedupe_window: args.dedupe_window,
+        },
+    ));
+    let sink = Arc::new(PubSubDeadLetters::new(&args.dead_letter_topic).await?);
+    let subscriber = pubsub::subscriber().await?;
+    if let Some(endpoint) = pubsub::emulator_endpoint() {
+        tracing::info!(%endpoint, "using the Pub/Sub emulator (PUBSUB_EMULATOR_HOST)");
+    }
+    source::run(
+        subscriber,
+        SourceConfig {
+            subscription: args.subscription.clone(),
+            max_in_flight: args.max_in_flight as usize,
+            shutdown_timeout: args.shutdown_timeout,
+            // Retries stay within the budget; allow generous headroom beyond it.
+            max_lease_extension: (args.retry_budget * 4).max(Duration::from_secs(60)),
+        },
+        pipeline,
+        sink,
+        metrics,
+        health,
+        shutdown,
+    )
+    .await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+pub fn spawn_signal_handler(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot install the SIGTERM handler");
+                        let _ = ctrl_c.await;
+                        token.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => tracing::info!("SIGINT: shutting down"),
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = ctrl_c.await;
+        }
+        token.cancel();
+    });
+}

@@ -1,0 +1,89 @@
+//! Look-up stage: which workloads run an image.
+//!
+//! The pipeline only sees [`Lookup`]; where the answer comes from (memory, the mounted
+//! ConfigMap, the API, a rebuild) is the implementation's business.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::image::ImageRef;
+use crate::index::Index;
+use crate::workload::WorkloadRef;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupSource {
+    Memory,
+    Mount,
+    Api,
+    Rebuild,
+}
+
+impl LookupSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LookupSource::Memory => "memory",
+            LookupSource::Mount => "mount",
+            LookupSource::Api => "api",
+            LookupSource::Rebuild => "rebuild",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Hits {
+    pub workloads: Arc<[WorkloadRef]>,
+    pub source: LookupSource,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error("rebuilding the index for {image}: {message}")]
+    Rebuild { image: String, message: String },
+}
+
+pub trait Lookup: Send + Sync + 'static {
+    fn lookup(&self, image: &ImageRef) -> impl Future<Output = Result<Hits, LookupError>> + Send;
+}
+
+/// An index held in memory and swapped atomically by whoever refreshes it.
+#[derive(Debug, Default)]
+pub struct SharedIndex {
+    current: ArcSwap<Index>,
+}
+
+impl SharedIndex {
+    pub fn new(index: Index) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(index),
+        }
+    }
+
+    pub fn load(&self) -> Arc<Index> {
+        self.current.load_full()
+    }
+
+    pub fn store(&self, index: Index) {
+        self.current.store(Arc::new(index));
+    }
+
+    /// The hot path: one hash lookup, no allocation, no API call.
+    pub fn get(&self, image: &ImageRef) -> Option<Arc<[WorkloadRef]>> {
+        self.current.load().get(image).cloned()
+    }
+}
+
+fn empty() -> Arc<[WorkloadRef]> {
+    Arc::from(Vec::new())
+}
+
+/// Answers from memory only; a miss means no workload runs the image.
+impl Lookup for SharedIndex {
+    async fn lookup(&self, image: &ImageRef) -> Result<Hits, LookupError> {
+        Ok(Hits {
+            workloads: self.get(image).unwrap_or_else(empty),
+            source: LookupSource::Memory,
+        })
+    }
+}

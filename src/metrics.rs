@@ -1,0 +1,236 @@
+//! Prometheus metrics (OpenMetrics text), all prefixed `gar_restarter_`.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    pub action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RestartLabels {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    pub verb: String,
+    pub resource: String,
+    pub code: String,
+}
+
+fn histogram_seconds() -> Histogram {
+    // 50 µs … ~27 min: covers a memory lookup and a full cluster rebuild alike.
+    Histogram::new(exponential_buckets(0.000_05, 2.5, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub events_received: Family<ActionLabels, Counter>,
+    pub events_settled: Family<OutcomeLabels, Counter>,
+    pub restarts: Family<RestartLabels, Counter>,
+    pub dead_letters: Family<KindLabels, Counter>,
+    pub lookup_seconds: Family<SourceLabels, Histogram, fn() -> Histogram>,
+    pub push_to_restart_seconds: Histogram,
+    pub index_images: Gauge,
+    pub index_workloads: Gauge,
+    index_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    index_loaded_unix: AtomicI64,
+    pub index_load_failures: Counter,
+    pub rebuilds: Family<ResultLabels, Counter>,
+    pub api_requests: Family<ApiLabels, Counter>,
+    pub stream_reconnects: Counter,
+    pub in_flight: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("gar_restarter");
+        let m = Self {
+            events_received: Family::default(),
+            events_settled: Family::default(),
+            restarts: Family::default(),
+            dead_letters: Family::default(),
+            lookup_seconds: Family::new_with_constructor(histogram_seconds),
+            push_to_restart_seconds: histogram_seconds(),
+            index_images: Gauge::default(),
+            index_workloads: Gauge::default(),
+            index_age_seconds: Gauge::default(),
+            index_loaded_unix: AtomicI64::new(0),
+            index_load_failures: Counter::default(),
+            rebuilds: Family::default(),
+            api_requests: Family::default(),
+            stream_reconnects: Counter::default(),
+            in_flight: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "events_received",
+            "Pub/Sub messages received, by event action",
+            m.events_received.clone(),
+        );
+        registry.register(
+            "events_settled",
+            "Messages settled, by outcome (ack, nack, dead_letter)",
+            m.events_settled.clone(),
+        );
+        registry.register(
+            "restarts",
+            "Workload restarts, by kind, namespace and result",
+            m.restarts.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Messages published to the dead-letter topic, by kind",
+            m.dead_letters.clone(),
+        );
+        registry.register(
+            "lookup_seconds",
+            "Image lookup latency, by source (memory, mount, api, rebuild)",
+            m.lookup_seconds.clone(),
+        );
+        registry.register(
+            "push_to_restart_seconds",
+            "From the message's publish time to the restart PATCH being accepted",
+            m.push_to_restart_seconds.clone(),
+        );
+        registry.register(
+            "index_images",
+            "Image references in the index",
+            m.index_images.clone(),
+        );
+        registry.register(
+            "index_workloads",
+            "Workloads in the index",
+            m.index_workloads.clone(),
+        );
+        registry.register(
+            "index_age_seconds",
+            "Seconds since the index in use was generated",
+            m.index_age_seconds.clone(),
+        );
+        registry.register(
+            "index_load_failures",
+            "Mounted or stored indexes that could not be read",
+            m.index_load_failures.clone(),
+        );
+        registry.register(
+            "rebuilds",
+            "Index rebuilds from a cluster scan, by result",
+            m.rebuilds.clone(),
+        );
+        registry.register(
+            "api_requests",
+            "Kubernetes API requests, by verb, resource and HTTP code",
+            m.api_requests.clone(),
+        );
+        registry.register(
+            "stream_reconnects",
+            "Times the streaming pull was re-created",
+            m.stream_reconnects.clone(),
+        );
+        registry.register(
+            "in_flight",
+            "Messages being processed now",
+            m.in_flight.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Records the index now in use; `generated_unix` is when it was built.
+    pub fn set_index(&self, images: usize, workloads: usize, generated_unix: Option<i64>) {
+        self.index_images.set(images as i64);
+        self.index_workloads.set(workloads as i64);
+        let at = generated_unix.unwrap_or_else(unix_now);
+        self.index_loaded_unix.store(at, Ordering::Relaxed);
+    }
+
+    pub fn observe_lookup(&self, source: &'static str, elapsed: Duration) {
+        self.lookup_seconds
+            .get_or_create(&SourceLabels { source })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// OpenMetrics text for `/metrics`.
+    pub fn encode(&self) -> String {
+        let loaded = self.index_loaded_unix.load(Ordering::Relaxed);
+        if loaded > 0 {
+            self.index_age_seconds
+                .set((unix_now() - loaded).max(0) as f64);
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_with_prefix() {
+        let m = Metrics::new();
+        m.events_received
+            .get_or_create(&ActionLabels { action: "insert" })
+            .inc();
+        m.observe_lookup("memory", Duration::from_micros(3));
+        m.set_index(3, 2, None);
+        let text = m.encode();
+        assert!(
+            text.contains("gar_restarter_events_received_total{action=\"insert\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gar_restarter_lookup_seconds_bucket{le="),
+            "{text}"
+        );
+        assert!(text.contains("gar_restarter_index_images 3"), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

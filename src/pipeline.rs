@@ -1,0 +1,276 @@
+//! The per-message pipeline: parse → look up → restart, ending in a [`Settlement`] that the
+//! settle stage carries out. Nothing here touches Pub/Sub, so every path is testable with an
+//! in-memory message.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures::future::join_all;
+use tracing::{Instrument, field};
+
+use crate::deadletter::DeadLetterKind;
+use crate::dedupe::BoundedTtlMap;
+use crate::event::{self, Event};
+use crate::lookup::Lookup;
+use crate::metrics::Metrics;
+use crate::metrics::{ActionLabels, RestartLabels};
+use crate::restart::{RestartError, RestartOutcome, Restarter};
+use crate::workload::WorkloadRef;
+
+/// A received message, independent of the transport.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub id: String,
+    pub data: Bytes,
+    pub attributes: HashMap<String, String>,
+    pub publish_time: Option<SystemTime>,
+    /// Pub/Sub's count, present only when the subscription has a dead-letter policy.
+    pub delivery_attempt: Option<i32>,
+}
+
+/// What to do with a message once the work is over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// Done (or nothing to do): `outcome` says which, for logs and metrics.
+    Ack { outcome: &'static str },
+    /// Retry later by redelivery.
+    Nack { reason: String },
+    /// Give up: publish to the dead-letter topic, then ack.
+    DeadLetter {
+        kind: DeadLetterKind,
+        reason: String,
+    },
+}
+
+pub struct PipelineConfig {
+    pub max_attempts: u32,
+    pub dedupe_window: Duration,
+}
+
+pub struct Pipeline<L> {
+    lookup: Arc<L>,
+    restarter: Restarter,
+    metrics: Arc<Metrics>,
+    /// (workload, digest or message id) pairs already restarted: duplicates and partial
+    /// retries skip them.
+    done: BoundedTtlMap<(WorkloadRef, String), ()>,
+    /// Deliveries per message id, for subscriptions without a dead-letter policy.
+    attempts: BoundedTtlMap<String, u32>,
+    max_attempts: u32,
+}
+
+/// Entries kept in each dedupe map; ~200 bytes each, so a few tens of MB at worst.
+const DEDUPE_CAPACITY: usize = 100_000;
+
+impl<L: Lookup> Pipeline<L> {
+    pub fn new(
+        lookup: Arc<L>,
+        restarter: Restarter,
+        metrics: Arc<Metrics>,
+        config: PipelineConfig,
+    ) -> Self {
+        Self {
+            lookup,
+            restarter,
+            metrics,
+            done: BoundedTtlMap::new(config.dedupe_window, DEDUPE_CAPACITY),
+            // Long enough to outlive any redelivery cycle of a failing message.
+            attempts: BoundedTtlMap::new(Duration::from_secs(6 * 3600), DEDUPE_CAPACITY),
+            max_attempts: config.max_attempts,
+        }
+    }
+
+    /// The delivery number of this message: Pub/Sub's when it knows it, ours otherwise.
+    pub fn attempt(&self, msg: &Inbound) -> u32 {
+        match msg.delivery_attempt {
+            Some(n) if n > 0 => n as u32,
+            _ => self.attempts.update(msg.id.clone(), |c| c.unwrap_or(0) + 1),
+        }
+    }
+
+    /// Runs parse → look up → restart for one delivery. `attempt` comes from [`Self::attempt`].
+    pub async fn process(&self, msg: &Inbound, attempt: u32) -> Settlement {
+        let settlement = self.process_inner(msg, attempt).await;
+        if !matches!(settlement, Settlement::Nack { .. }) {
+            self.attempts.remove(&msg.id);
+        }
+        settlement
+    }
+
+    async fn process_inner(&self, msg: &Inbound, attempt: u32) -> Settlement {
+        let parsed = {
+            let _span = tracing::info_span!("parse", bytes = msg.data.len()).entered();
+            event::parse(&msg.data)
+        };
+        let event = match parsed {
+            Ok(ev) => ev,
+            Err(e) => {
+                self.count_action("malformed");
+                tracing::warn!(message_id = %msg.id, error = %e, "malformed message");
+                return Settlement::DeadLetter {
+                    kind: DeadLetterKind::Malformed,
+                    reason: format!("message {}: {e}", msg.id),
+                };
+            }
+        };
+        let current = tracing::Span::current();
+        match &event {
+            Event::Delete { reference } => {
+                self.count_action("delete");
+                current.record("gar.image", reference.as_str());
+                return Settlement::Ack { outcome: "delete" };
+            }
+            Event::InsertDigestOnly { digest } => {
+                self.count_action("insert_digest_only");
+                current.record("gar.image", digest.as_str());
+                return Settlement::Ack {
+                    outcome: "digest_only",
+                };
+            }
+            Event::Insert { .. } => self.count_action("insert"),
+        }
+        let Event::Insert { tag, digest } = event else {
+            return Settlement::Ack { outcome: "ignored" };
+        };
+        current.record("gar.image", tag.as_str());
+        if let Some(d) = &digest {
+            current.record("gar.digest", d.as_str());
+        }
+
+        let lookup_span =
+            tracing::info_span!("lookup", image = %tag, source = field::Empty, hits = field::Empty);
+        let started = Instant::now();
+        let hits = match self
+            .lookup
+            .lookup(&tag)
+            .instrument(lookup_span.clone())
+            .await
+        {
+            Ok(h) => h,
+            Err(e) => {
+                return self.transient_failure(attempt, format!("message {}: {e}", msg.id));
+            }
+        };
+        self.metrics
+            .observe_lookup(hits.source.as_str(), started.elapsed());
+        lookup_span.record("source", hits.source.as_str());
+        lookup_span.record("hits", hits.workloads.len());
+        if hits.workloads.is_empty() {
+            tracing::debug!(image = %tag, "no workload runs this image");
+            return Settlement::Ack {
+                outcome: "no_match",
+            };
+        }
+
+        // Without a digest, a redelivery of the same message is the only duplicate we can see.
+        let dedupe_key = digest
+            .clone()
+            .unwrap_or_else(|| format!("message:{}", msg.id));
+        let tag = &tag;
+        let jobs = hits.workloads.iter().map(|w| {
+            let key = (w.clone(), dedupe_key.clone());
+            let digest = digest.as_deref();
+            let span = tracing::info_span!(
+                "restart",
+                "k8s.namespace.name" = %w.namespace,
+                "k8s.workload.kind" = w.kind.as_str(),
+                "k8s.workload.name" = %w.name,
+                result = field::Empty,
+            );
+            async move {
+                if self.done.contains(&key) {
+                    tracing::Span::current().record("result", "duplicate");
+                    tracing::info!(workload = %w, "already restarted for this digest; skipping duplicate");
+                    return (w, Ok(None));
+                }
+                let result = self.restarter.restart(w, digest).await;
+                let label = match &result {
+                    Ok(o) => o.as_str(),
+                    Err(e) if e.is_transient() => "transient_error",
+                    Err(_) => "permanent_error",
+                };
+                tracing::Span::current().record("result", label);
+                self.metrics
+                    .restarts
+                    .get_or_create(&RestartLabels {
+                        kind: w.kind.as_str(),
+                        namespace: w.namespace.clone(),
+                        result: label,
+                    })
+                    .inc();
+                match &result {
+                    Ok(RestartOutcome::Restarted) => {
+                        self.done.insert(key, ());
+                        if let Some(lag) = msg.publish_time.and_then(|t| t.elapsed().ok()) {
+                            self.metrics.push_to_restart_seconds.observe(lag.as_secs_f64());
+                        }
+                        tracing::info!(workload = %w, image = %tag, digest, "restarted");
+                    }
+                    Ok(RestartOutcome::AlreadyAtDigest) => self.done.insert(key, ()),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(workload = %w, error = %e, "restart failed"),
+                }
+                (w, result.map(Some))
+            }
+            .instrument(span)
+        });
+        let results = join_all(jobs).await;
+
+        let mut transient: Vec<&RestartError> = Vec::new();
+        let mut permanent: Vec<&RestartError> = Vec::new();
+        let mut restarted = 0usize;
+        let mut dry_run = false;
+        for (_, r) in &results {
+            match r {
+                Ok(Some(RestartOutcome::Restarted)) => restarted += 1,
+                Ok(Some(RestartOutcome::DryRun)) => dry_run = true,
+                Ok(_) => {}
+                Err(e) if e.is_transient() => transient.push(e),
+                Err(e) => permanent.push(e),
+            }
+        }
+        if let Some(last) = transient.last() {
+            // Retry only what failed: the restarted ones are in `done` and will be skipped.
+            return self.transient_failure(attempt, format!("message {}: {last}", msg.id));
+        }
+        if !permanent.is_empty() {
+            let reasons: Vec<String> = permanent
+                .iter()
+                .map(|e| match e.status {
+                    Some(code) => format!("{} (HTTP {code}): {}", e.workload, e.message),
+                    None => e.to_string(),
+                })
+                .collect();
+            return Settlement::DeadLetter {
+                kind: DeadLetterKind::Permanent,
+                reason: format!("message {} image {tag}: {}", msg.id, reasons.join("; ")),
+            };
+        }
+        let outcome = match (restarted, dry_run) {
+            (0, true) => "dry_run",
+            (0, false) => "nothing_to_restart",
+            _ => "restarted",
+        };
+        Settlement::Ack { outcome }
+    }
+
+    fn transient_failure(&self, attempt: u32, reason: String) -> Settlement {
+        if attempt >= self.max_attempts {
+            Settlement::DeadLetter {
+                kind: DeadLetterKind::Exhausted,
+                reason: format!("after {attempt} attempts: {reason}"),
+            }
+        } else {
+            Settlement::Nack { reason }
+        }
+    }
+
+    fn count_action(&self, action: &'static str) {
+        self.metrics
+            .events_received
+            .get_or_create(&ActionLabels { action })
+            .inc();
+    }
+}

@@ -1,0 +1,129 @@
+//! `dlq replay`: republish dead-lettered messages to the source topic.
+//!
+//! Each message goes back with its original data and attributes (the `dlq_*` ones removed)
+//! and is acked only after that publish succeeded. Messages filtered out by `--kind`, or seen
+//! in `--dry-run`, are held until the end and then released (nacked), so one run never sees
+//! the same message twice.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use google_cloud_pubsub::model::Message;
+use google_cloud_pubsub::subscriber::ShutdownBehavior;
+
+use crate::config::ReplayArgs;
+use crate::deadletter::{ATTR_KIND, ATTR_REASON, original_attributes};
+use crate::pubsub::{self, PubSubError};
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReplaySummary {
+    pub replayed: u64,
+    pub skipped: u64,
+    pub failed: u64,
+}
+
+impl fmt::Display for ReplaySummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "replayed={} skipped={} failed={}",
+            self.replayed, self.skipped, self.failed
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Client(#[from] PubSubError),
+    #[error("pulling from {subscription}: {message}")]
+    Pull {
+        subscription: String,
+        message: String,
+    },
+}
+
+pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, ReplayError> {
+    let subscriber = pubsub::subscriber().await?;
+    let publisher = pubsub::publisher(&args.topic).await?;
+    let mut stream = subscriber
+        .subscribe(args.subscription.as_str())
+        .set_max_outstanding_messages(1000)
+        .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
+        .build();
+    let token = stream.shutdown_token();
+    let mut summary = ReplaySummary::default();
+    let mut held = Vec::new();
+    let mut seen = HashSet::new();
+    let verb = if args.dry_run {
+        "would replay"
+    } else {
+        "replayed"
+    };
+    loop {
+        if args.limit.is_some_and(|l| summary.replayed >= l) {
+            break;
+        }
+        let next = match tokio::time::timeout(args.idle_timeout, stream.next()).await {
+            Err(_) => break, // idle
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ReplayError::Pull {
+                    subscription: args.subscription.clone(),
+                    message: e.to_string(),
+                });
+            }
+            Ok(Some(Ok(next))) => next,
+        };
+        let (message, handler) = next;
+        let id = message.message_id.clone();
+        if !seen.insert(id.clone()) {
+            held.push(handler);
+            continue;
+        }
+        let kind = message
+            .attributes
+            .get(ATTR_KIND)
+            .cloned()
+            .unwrap_or_default();
+        let reason = message
+            .attributes
+            .get(ATTR_REASON)
+            .cloned()
+            .unwrap_or_default();
+        if args.kind.as_deref().is_some_and(|k| k != kind) {
+            summary.skipped += 1;
+            println!("skipped {id} kind={kind:?}");
+            held.push(handler);
+            continue;
+        }
+        if args.dry_run {
+            summary.replayed += 1;
+            println!(
+                "{verb} {id} kind={kind} reason={reason:?} bytes={}",
+                message.data.len()
+            );
+            held.push(handler);
+            continue;
+        }
+        let original = Message::new()
+            .set_data(message.data.clone())
+            .set_attributes(original_attributes(&message.attributes));
+        match publisher.publish(original).await {
+            Ok(new_id) => {
+                handler.ack();
+                summary.replayed += 1;
+                println!("{verb} {id} as {new_id} kind={kind} reason={reason:?}");
+            }
+            Err(e) => {
+                handler.nack();
+                summary.failed += 1;
+                eprintln!("failed {id}: publishing to {}: {e}", args.topic);
+            }
+        }
+    }
+    drop(held);
+    // Flushes our acks; held messages are released for redelivery.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), token.shutdown()).await;
+    Ok(summary)
+}

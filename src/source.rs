@@ -1,0 +1,265 @@
+//! Receive stage: a streaming pull on the subscription, re-created with backoff whenever it
+//! ends, feeding each message through the pipeline and the settle stage with bounded
+//! concurrency, and draining cleanly on shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use google_cloud_pubsub::client::Subscriber;
+use google_cloud_pubsub::model::Message;
+use google_cloud_pubsub::subscriber::ShutdownBehavior;
+use google_cloud_pubsub::subscriber::handler::Handler;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, field};
+
+use crate::deadletter::DeadLetterSink;
+use crate::lookup::Lookup;
+use crate::metrics::Metrics;
+use crate::pipeline::{Inbound, Pipeline};
+use crate::settle::settle;
+
+/// What `/readyz` reports.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub stream_connected: AtomicBool,
+    pub index_loaded: AtomicBool,
+}
+
+impl Health {
+    pub fn ready(&self) -> bool {
+        self.stream_connected.load(Ordering::Relaxed) && self.index_loaded.load(Ordering::Relaxed)
+    }
+}
+
+/// A stream that has not failed within this long after opening is considered connected; an
+/// idle but healthy subscription delivers nothing, so there is no positive signal to wait for.
+const CONNECT_GRACE: Duration = Duration::from_secs(1);
+
+pub struct SourceConfig {
+    pub subscription: String,
+    pub max_in_flight: usize,
+    pub shutdown_timeout: Duration,
+    /// Upper bound for automatic lease extension; the SDK clamps it to 10–600 s.
+    pub max_lease_extension: Duration,
+}
+
+pub fn inbound(message: &Message, delivery_attempt: Option<i32>) -> Inbound {
+    Inbound {
+        id: message.message_id.clone(),
+        data: message.data.clone(),
+        attributes: message.attributes.clone(),
+        publish_time: message
+            .publish_time
+            .and_then(|t| SystemTime::try_from(t).ok()),
+        delivery_attempt,
+    }
+}
+
+/// Runs until `shutdown` fires, then drains: in-flight messages get `shutdown_timeout` to
+/// finish, the rest are nacked, and pending acks are flushed.
+pub async fn run<L: Lookup, D: DeadLetterSink>(
+    subscriber: Subscriber,
+    config: SourceConfig,
+    pipeline: Arc<Pipeline<L>>,
+    sink: Arc<D>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(config.max_in_flight));
+    let abort = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let subscription = Arc::new(config.subscription.clone());
+    let mut backoff = reconnect_backoff();
+    let mut first = true;
+    'outer: while !shutdown.is_cancelled() {
+        if !first {
+            metrics.stream_reconnects.inc();
+            let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+            tracing::info!(subscription = %subscription, ?delay, "re-creating the streaming pull");
+            tokio::select! {
+                _ = shutdown.cancelled() => break 'outer,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        first = false;
+        let mut stream = subscriber
+            .subscribe(subscription.as_str())
+            .set_max_lease_extension(config.max_lease_extension)
+            .set_max_outstanding_messages(config.max_in_flight as i64 * 2)
+            .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
+            .build();
+        let token = stream.shutdown_token();
+        let grace = tokio::time::sleep(CONNECT_GRACE);
+        tokio::pin!(grace);
+        let mut grace_done = false;
+        loop {
+            // Reap finished tasks so the set does not grow.
+            while tasks.try_join_next().is_some() {}
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    drain(&mut tasks, &abort, config.shutdown_timeout).await;
+                    flush(&token).await;
+                    break 'outer;
+                }
+                _ = &mut grace, if !grace_done => {
+                    grace_done = true;
+                    mark_connected(&health, &subscription);
+                    backoff = reconnect_backoff();
+                    continue;
+                }
+                next = stream.next() => next,
+            };
+            match next {
+                Some(Ok((message, handler))) => {
+                    if !grace_done {
+                        grace_done = true;
+                        mark_connected(&health, &subscription);
+                        backoff = reconnect_backoff();
+                    }
+                    let permit = tokio::select! {
+                        p = permits.clone().acquire_owned() => p,
+                        _ = shutdown.cancelled() => {
+                            handler.nack();
+                            drain(&mut tasks, &abort, config.shutdown_timeout).await;
+                            flush(&token).await;
+                            break 'outer;
+                        }
+                    };
+                    let Ok(permit) = permit else { break 'outer };
+                    let pipeline = pipeline.clone();
+                    let sink = sink.clone();
+                    let metrics = metrics.clone();
+                    let abort = abort.clone();
+                    let subscription = subscription.clone();
+                    tasks.spawn(async move {
+                        handle_message(
+                            message,
+                            handler,
+                            &subscription,
+                            &pipeline,
+                            &*sink,
+                            &metrics,
+                            &abort,
+                        )
+                        .await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => {
+                    health.stream_connected.store(false, Ordering::Relaxed);
+                    tracing::warn!(subscription = %subscription, error = %e, "streaming pull failed; not ready until it reconnects");
+                }
+                None => {
+                    health.stream_connected.store(false, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+    }
+    health.stream_connected.store(false, Ordering::Relaxed);
+    drain(&mut tasks, &abort, config.shutdown_timeout).await;
+}
+
+fn mark_connected(health: &Health, subscription: &str) {
+    if !health.stream_connected.swap(true, Ordering::Relaxed) {
+        tracing::info!(subscription, "streaming pull connected");
+    }
+}
+
+fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Lets in-flight messages finish, then tells the rest to give up (they nack).
+async fn drain(tasks: &mut JoinSet<()>, abort: &CancellationToken, timeout: Duration) {
+    if tasks.is_empty() {
+        return;
+    }
+    tracing::info!(
+        in_flight = tasks.len(),
+        ?timeout,
+        "draining in-flight messages"
+    );
+    let finished = tokio::time::timeout(timeout, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(
+            remaining = tasks.len(),
+            "shutdown timeout reached; nacking unfinished messages"
+        );
+        abort.cancel();
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Sends pending acks and nacks before the process exits.
+async fn flush(token: &google_cloud_pubsub::subscriber::ShutdownToken) {
+    if tokio::time::timeout(Duration::from_secs(5), token.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("timed out flushing acknowledgements");
+    }
+}
+
+async fn handle_message<L: Lookup, D: DeadLetterSink>(
+    message: Message,
+    handler: Handler,
+    subscription: &str,
+    pipeline: &Pipeline<L>,
+    sink: &D,
+    metrics: &Arc<Metrics>,
+    abort: &CancellationToken,
+) {
+    let msg = inbound(&message, handler.delivery_attempt());
+    let attempt = pipeline.attempt(&msg);
+    let span = process_span(subscription, &msg, attempt);
+    crate::telemetry::continue_trace(&span, &msg.attributes);
+    metrics.in_flight.inc();
+    async {
+        tokio::select! {
+            biased;
+            settlement = pipeline.process(&msg, attempt) => {
+                settle(settlement, &msg, attempt, handler, sink, subscription, metrics).await;
+            }
+            _ = abort.cancelled() => {
+                handler.nack();
+                tracing::warn!(message_id = %msg.id, "shutdown: nacked unfinished message");
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+    metrics.in_flight.dec();
+}
+
+/// The consumer span, named and attributed per the OpenTelemetry messaging conventions.
+pub fn process_span(subscription: &str, msg: &Inbound, attempt: u32) -> tracing::Span {
+    let short = subscription.rsplit('/').next().unwrap_or(subscription);
+    tracing::info_span!(
+        "process",
+        "otel.name" = %format!("process {short}"),
+        "otel.kind" = "consumer",
+        "messaging.system" = "gcp_pubsub",
+        "messaging.operation.type" = "process",
+        "messaging.operation.name" = "process",
+        "messaging.destination.subscription.name" = %subscription,
+        "messaging.message.id" = %msg.id,
+        "messaging.gcp_pubsub.message.delivery_attempt" = attempt,
+        "gar.image" = field::Empty,
+        "gar.digest" = field::Empty,
+        trace_id = field::Empty,
+    )
+}

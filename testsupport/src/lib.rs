@@ -1,0 +1,6 @@
+//! Test support shared by the integration tests, the benches and `cargo xtask`.
+//!
+//! Kept out of the daemon crate so that nothing here can leak into the shipped binary.
+
+pub mod emulator;
+pub mod fake_api;
