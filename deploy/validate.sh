@@ -147,14 +147,16 @@ if [[ -s "$out/base.yaml" ]]; then
     bad "check_rbac.py --self-test"
   fi
   # A typo'd field must not pass schema validation.
-  pyrun - "$out/base.yaml" "$out/bad-schema.yaml" <<'PY'
+  if ! pyrun - "$out/base.yaml" "$out/bad-schema.yaml" <<'PY'
 import sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 dep = next(d for d in docs if d["kind"] == "Deployment")
-dep["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFileSystem"] = True  # wrong case
+dep["spec"]["template"]["spec"]["containers"][0].setdefault("securityContext", {})["readOnlyRootFileSystem"] = True  # wrong case
 yaml.safe_dump_all(docs, open(sys.argv[2], "w"))
 PY
-  if schema_check "$out/bad-schema.yaml" >/dev/null 2>&1; then
+  then
+    bad "could not build the bad document for the schema self-test"
+  elif schema_check "$out/bad-schema.yaml" >/dev/null 2>&1; then
     bad "schema validator accepted an unknown field (readOnlyRootFileSystem)"
   else
     ok "schema validator rejects an unknown field"
