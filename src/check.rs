@@ -1,23 +1,108 @@
-//! `check --image REF`: the workloads a push of REF would restart, as JSON.
+//! `check` and `cache rebuild`: one-shot uses of the lookup chain.
+
+use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::image::ImageRef;
+use crate::cache::store::Written;
+use crate::cache::{CacheChain, ChainError, Origin};
+use crate::config::{CheckArgs, RebuildArgs};
+use crate::image::{ImageRef, ImageRefError};
+use crate::metrics::Metrics;
 use crate::workload::WorkloadRef;
 
 #[derive(Debug, Serialize)]
 pub struct CheckReport {
     pub image: String,
+    /// Where the index came from: mount, api or rebuild.
     pub source: &'static str,
-    pub workloads: Vec<WorkloadRef>,
+    pub workloads: Vec<CheckedWorkload>,
 }
 
-impl CheckReport {
-    pub fn new(image: &ImageRef, source: &'static str, workloads: &[WorkloadRef]) -> Self {
+/// `kind` is always spelled out here, unlike in `cache.json` where it defaults.
+#[derive(Debug, Serialize)]
+pub struct CheckedWorkload {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl From<&WorkloadRef> for CheckedWorkload {
+    fn from(w: &WorkloadRef) -> Self {
         Self {
-            image: image.to_string(),
-            source,
-            workloads: workloads.to_vec(),
+            kind: w.kind.as_str(),
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
         }
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("--image: {0}")]
+    Image(#[from] ImageRefError),
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
+}
+
+/// Mount → API → rebuild, exactly as the daemon starts; `--rebuild` forces the last step.
+/// A lookup here never triggers a rebuild by itself, so a mounted index needs no API at all.
+pub async fn check(args: &CheckArgs) -> Result<CheckReport, CheckError> {
+    let image = ImageRef::parse(&args.image)?;
+    let client = crate::cluster::client().await?;
+    let chain = CacheChain::new(
+        client,
+        crate::daemon::chain_config(&args.scope),
+        Arc::new(Metrics::new()),
+    );
+    let origin = if args.rebuild {
+        chain.rebuild_and_store().await?;
+        Origin::Rebuild
+    } else {
+        chain.init().await?
+    };
+    let index = chain.index();
+    let workloads = index
+        .get(&image)
+        .map(|w| w.iter().map(CheckedWorkload::from).collect())
+        .unwrap_or_default();
+    Ok(CheckReport {
+        image: image.to_string(),
+        source: origin.as_str(),
+        workloads,
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct RebuildReport {
+    pub workloads: usize,
+    pub refs: usize,
+    pub bytes: usize,
+    pub form: &'static str,
+    pub result: &'static str,
+    pub configmap: String,
+}
+
+pub async fn cache_rebuild(args: &RebuildArgs) -> Result<RebuildReport, CheckError> {
+    let client = crate::cluster::client().await?;
+    let config = crate::daemon::chain_config(&args.scope);
+    let configmap = config.configmap.to_string();
+    let chain = CacheChain::new(client, config, Arc::new(Metrics::new()));
+    let (written, encoded) = chain.rebuild_and_store().await?;
+    let index = chain.index();
+    Ok(RebuildReport {
+        workloads: index.workload_count(),
+        refs: index.image_count(),
+        bytes: encoded.bytes,
+        form: encoded.form.as_str(),
+        result: match written {
+            Written::Created(_) => "created",
+            Written::Replaced(_) => "replaced",
+            Written::Superseded => "superseded",
+            Written::Unchanged => "unchanged",
+        },
+        configmap,
+    })
 }

@@ -44,6 +44,13 @@ impl ClusterError {
 /// kube's own retry layer is off: it would retry 429/5xx up to 15 times with delays of up to
 /// 1000 s, hidden from our attempt counting and far past the Pub/Sub lease.
 pub async fn client() -> Result<Client, ClusterError> {
+    client_with_metrics(std::sync::Arc::new(crate::metrics::Metrics::new())).await
+}
+
+/// [`client`], counting every API request in `metrics.api_requests` (verb, resource, code).
+pub async fn client_with_metrics(
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) -> Result<Client, ClusterError> {
     let mut config = kube::Config::infer()
         .await
         .map_err(|e| ClusterError::Config(e.to_string()))?;
@@ -51,7 +58,11 @@ pub async fn client() -> Result<Client, ClusterError> {
     config.connect_timeout = Some(Duration::from_secs(5));
     config.read_timeout = Some(Duration::from_secs(30));
     config.write_timeout = Some(Duration::from_secs(10));
-    Client::try_from(config).map_err(|e| ClusterError::Config(e.to_string()))
+    let layer = crate::apimetrics::ApiMetricsLayer::new(metrics);
+    Ok(kube::client::ClientBuilder::try_from(config)
+        .map_err(|e| ClusterError::Config(e.to_string()))?
+        .with_layer(&layer)
+        .build())
 }
 
 /// Whether retrying can help.
@@ -175,7 +186,7 @@ where
             })?;
             for item in &page.items {
                 let meta: &ObjectMeta = item.meta();
-                if opted_out(meta) {
+                if !wanted(meta, scope.opt_in) {
                     continue;
                 }
                 let (Some(ns), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref())
@@ -203,11 +214,18 @@ where
     Ok(())
 }
 
-fn opted_out(meta: &ObjectMeta) -> bool {
-    meta.annotations
+/// `gar-restarter/enabled: "false"` always opts out; with `--opt-in`, only `"true"` opts in.
+fn wanted(meta: &ObjectMeta, opt_in: bool) -> bool {
+    let flag = meta
+        .annotations
         .as_ref()
         .and_then(|a| a.get(ENABLED_ANNOTATION))
-        .is_some_and(|v| v.eq_ignore_ascii_case("false"))
+        .map(|v| v.trim().to_ascii_lowercase());
+    match flag.as_deref() {
+        Some("false") => false,
+        Some("true") => true,
+        _ => !opt_in,
+    }
 }
 
 #[cfg(test)]

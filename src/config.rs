@@ -56,11 +56,28 @@ pub enum Command {
     Run(RunArgs),
     /// Print, as JSON, the workloads a push of IMAGE would restart.
     Check(CheckArgs),
+    /// Index cache tools.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// Dead-letter topic tools.
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Scan the cluster, write the cache ConfigMap, and print what was written.
+    Rebuild(RebuildArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RebuildArgs {
+    #[command(flatten)]
+    pub scope: ScopeArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,6 +97,11 @@ pub struct ScopeArgs {
     /// Label selector limiting which workloads are indexed, e.g. `team=web,tier!=batch`.
     #[arg(long, env = "GAR_RESTARTER_SELECTOR", value_name = "SELECTOR")]
     pub selector: Option<String>,
+
+    /// Index only workloads annotated `gar-restarter/enabled: "true"` (default: every workload
+    /// not annotated `"false"`).
+    #[arg(long, env = "GAR_RESTARTER_OPT_IN")]
+    pub opt_in: bool,
 
     /// Directory holding `cache.json` from the cache ConfigMap volume (mounted optional).
     #[arg(
@@ -448,16 +470,17 @@ fn merge_file(
 }
 
 fn relaxed(mut command: clap::Command) -> clap::Command {
-    for name in ["run", "check"] {
-        command = command.mut_subcommand(name, |mut sub| {
-            let ids: Vec<clap::Id> = sub.get_arguments().map(|a| a.get_id().clone()).collect();
-            for id in ids {
-                sub = sub.mut_arg(id, |a| a.required(false));
-            }
-            sub
-        });
+    fn relax(mut sub: clap::Command) -> clap::Command {
+        let ids: Vec<clap::Id> = sub.get_arguments().map(|a| a.get_id().clone()).collect();
+        for id in ids {
+            sub = sub.mut_arg(id, |a| a.required(false));
+        }
+        sub
     }
-    command
+    for name in ["run", "check"] {
+        command = command.mut_subcommand(name, relax);
+    }
+    command.mut_subcommand("cache", |c| c.mut_subcommand("rebuild", relax))
 }
 
 fn scalar(key: &str, value: &toml::Value) -> Result<String, String> {

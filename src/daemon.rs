@@ -7,9 +7,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{self, ClusterError};
-use crate::config::RunArgs;
+use crate::cache::{CacheChain, ChainConfig, ChainError};
+use crate::config::{RunArgs, ScopeArgs};
 use crate::index::Scope;
-use crate::lookup::SharedIndex;
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::pubsub::{self, PubSubDeadLetters, PubSubError};
@@ -22,15 +22,31 @@ pub enum DaemonError {
     #[error(transparent)]
     Cluster(#[from] ClusterError),
     #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error(transparent)]
     PubSub(#[from] PubSubError),
     #[error(transparent)]
     Bind(#[from] BindError),
 }
 
-pub fn scope(args: &crate::config::ScopeArgs) -> Scope {
+pub fn scope(args: &ScopeArgs) -> Scope {
+    let mut namespaces = args.namespaces.clone();
+    namespaces.sort();
+    namespaces.dedup();
     Scope {
-        namespaces: args.namespaces.clone(),
+        namespaces,
         selector: args.selector.clone(),
+        opt_in: args.opt_in,
+    }
+}
+
+pub fn chain_config(args: &ScopeArgs) -> ChainConfig {
+    ChainConfig {
+        cache_dir: args.cache_dir.clone(),
+        configmap: args.cache_configmap(),
+        scope: scope(args),
+        min_rebuild_interval: args.min_rebuild_interval,
+        refresh_interval: args.refresh_interval,
     }
 }
 
@@ -48,31 +64,28 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
 
     let client = cluster::client().await?;
-    let scope = scope(&args.scope);
-    let index = Arc::new(SharedIndex::default());
-    // Start-up scan, retried: the daemon stays not-ready until it has an index.
+    let chain = CacheChain::new(client.clone(), chain_config(&args.scope), metrics.clone());
+    // The index must be loaded before messages are taken; stay not-ready until it is.
+    let mut delay = Duration::from_millis(500);
     loop {
-        match cluster::scan(&client, &scope).await {
-            Ok(built) => {
-                metrics.set_index(built.image_count(), built.workload_count(), None);
-                tracing::info!(
-                    images = built.image_count(),
-                    workloads = built.workload_count(),
-                    "index built from a cluster scan"
-                );
-                index.store(built);
+        match chain.init().await {
+            Ok(origin) => {
+                tracing::info!(origin = origin.as_str(), "index ready");
                 health.index_loaded.store(true, Ordering::Relaxed);
                 break;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "start-up scan failed; retrying in 2s");
+                tracing::warn!(error = %e, ?delay, "no index yet (mount, ConfigMap and rebuild all failed); retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
+                delay = (delay * 2).min(Duration::from_secs(30));
             }
         }
     }
+    chain.spawn_background(shutdown.clone());
+    let index = Arc::new(chain);
 
     let retry = RetryPolicy {
         budget: args.retry_budget,

@@ -25,6 +25,9 @@ pub struct Scope {
     pub namespaces: Vec<String>,
     #[serde(default)]
     pub selector: Option<String>,
+    /// Only workloads annotated `gar-restarter/enabled: "true"` are indexed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub opt_in: bool,
 }
 
 /// The on-disk / in-ConfigMap shape.

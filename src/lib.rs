@@ -4,6 +4,8 @@
 //! Data flows one way: [`source`] (receive) → [`event`] (parse) → [`lookup`] → [`restart`] →
 //! [`settle`] (ack, nack or dead-letter), wired by [`pipeline`] and [`daemon`].
 
+pub mod apimetrics;
+pub mod cache;
 pub mod check;
 pub mod clock;
 pub mod cluster;

@@ -2,9 +2,8 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
-use gar_restarter::config::{CheckArgs, Cli, Command, DlqCommand};
-use gar_restarter::{check, cluster, daemon, image::ImageRef, replay, telemetry};
+use gar_restarter::config::{CacheCommand, CheckArgs, Cli, Command, DlqCommand};
+use gar_restarter::{check, daemon, replay, telemetry};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -44,6 +43,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check(args) => check_command(args).await,
+        Command::Cache { command: CacheCommand::Rebuild(args) } => {
+            let report = check::cache_rebuild(&args).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dlq {
             command: DlqCommand::Replay(args),
         } => {
@@ -62,19 +66,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn check_command(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let image = match ImageRef::parse(&args.image) {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("error: --image: {e}");
-            return Ok(ExitCode::from(2));
+    match check::check(&args).await {
+        Ok(report) => {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(ExitCode::SUCCESS)
         }
-    };
-    let client = cluster::client().await?;
-    let index = cluster::scan(&client, &daemon::scope(&args.scope))
-        .await
-        .context("scanning the cluster")?;
-    let workloads = index.get(&image).map(|w| w.to_vec()).unwrap_or_default();
-    let report = check::CheckReport::new(&image, "rebuild", &workloads);
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(ExitCode::SUCCESS)
+        Err(e @ check::CheckError::Image(_)) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(2))
+        }
+        Err(e) => Err(e.into()),
+    }
 }

@@ -51,10 +51,15 @@ pub async fn settle<H: AckHandle, D: DeadLetterSink>(
     subscription: &str,
     metrics: &Arc<Metrics>,
 ) -> Settled {
+    // Named for the stage; the Pub/Sub operation it ends in is `messaging.operation.name`.
     let span = tracing::info_span!(
         "settle",
+        "messaging.system" = "gcp_pubsub",
+        "messaging.operation.type" = "settle",
+        "messaging.operation.name" = tracing::field::Empty,
         action = tracing::field::Empty,
-        reason = tracing::field::Empty
+        reason = tracing::field::Empty,
+        "otel.status_code" = tracing::field::Empty,
     );
     settle_in_span(
         settlement,
@@ -85,6 +90,7 @@ async fn settle_in_span<H: AckHandle, D: DeadLetterSink>(
         Settlement::Ack { outcome } => {
             span.record("action", "ack");
             span.record("reason", outcome);
+            span.record("messaging.operation.name", "ack");
             handle.ack();
             tracing::debug!(message_id = %msg.id, outcome, "acked");
             Settled::Acked
@@ -92,6 +98,8 @@ async fn settle_in_span<H: AckHandle, D: DeadLetterSink>(
         Settlement::Nack { reason } => {
             span.record("action", "nack");
             span.record("reason", reason.as_str());
+            span.record("messaging.operation.name", "nack");
+            span.record("otel.status_code", "error");
             handle.nack();
             tracing::warn!(message_id = %msg.id, attempt, %reason, "nacked for redelivery");
             Settled::Nacked
@@ -99,6 +107,7 @@ async fn settle_in_span<H: AckHandle, D: DeadLetterSink>(
         Settlement::DeadLetter { kind, reason } => {
             span.record("action", "dead_letter");
             span.record("reason", reason.as_str());
+            span.record("otel.status_code", "error");
             let letter = DeadLetter::new(
                 msg.data.clone(),
                 &msg.attributes,
@@ -110,6 +119,7 @@ async fn settle_in_span<H: AckHandle, D: DeadLetterSink>(
             );
             match sink.publish(letter).await {
                 Ok(dlq_id) => {
+                    span.record("messaging.operation.name", "ack");
                     handle.ack();
                     metrics
                         .dead_letters
@@ -122,6 +132,7 @@ async fn settle_in_span<H: AckHandle, D: DeadLetterSink>(
                 }
                 Err(e) => {
                     // Never ack what is not safely elsewhere: redeliver and try again.
+                    span.record("messaging.operation.name", "nack");
                     handle.nack();
                     tracing::error!(message_id = %msg.id, error = %e, "dead-letter publish failed; nacked");
                     Settled::Nacked

@@ -20,7 +20,7 @@ use crate::deadletter::DeadLetterSink;
 use crate::lookup::Lookup;
 use crate::metrics::Metrics;
 use crate::pipeline::{Inbound, Pipeline};
-use crate::settle::settle;
+use crate::settle::{AckHandle, Settled, settle};
 
 /// What `/readyz` reports.
 #[derive(Debug, Default)]
@@ -224,25 +224,51 @@ async fn handle_message<L: Lookup, D: DeadLetterSink>(
     abort: &CancellationToken,
 ) {
     let msg = inbound(&message, handler.delivery_attempt());
+    process_inbound(msg, handler, subscription, pipeline, sink, metrics, abort).await;
+}
+
+/// One delivery, transport aside: the consumer span (continuing the publisher's trace),
+/// the pipeline, then settle. Returns `None` when `abort` fired first (the message is nacked).
+pub async fn process_inbound<L: Lookup, H: AckHandle, D: DeadLetterSink>(
+    msg: Inbound,
+    handle: H,
+    subscription: &str,
+    pipeline: &Pipeline<L>,
+    sink: &D,
+    metrics: &Arc<Metrics>,
+    abort: &CancellationToken,
+) -> Option<Settled> {
     let attempt = pipeline.attempt(&msg);
     let span = process_span(subscription, &msg, attempt);
     crate::telemetry::continue_trace(&span, &msg.attributes);
     metrics.in_flight.inc();
-    async {
+    let settled = async {
         tokio::select! {
             biased;
             settlement = pipeline.process(&msg, attempt) => {
-                settle(settlement, &msg, attempt, handler, sink, subscription, metrics).await;
+                Some(settle(settlement, &msg, attempt, handle, sink, subscription, metrics).await)
             }
             _ = abort.cancelled() => {
-                handler.nack();
+                handle.nack();
                 tracing::warn!(message_id = %msg.id, "shutdown: nacked unfinished message");
+                None
             }
         }
     }
-    .instrument(span)
+    .instrument(span.clone())
     .await;
     metrics.in_flight.dec();
+    // The consumer span fails when the message was not done with: retried or given up on.
+    let failed = match settled {
+        Some(Settled::Acked) => None,
+        Some(s) => Some(s.as_str()),
+        None => Some("shutdown"),
+    };
+    if let Some(error_type) = failed {
+        span.record("otel.status_code", "error");
+        span.record("error.type", error_type);
+    }
+    settled
 }
 
 /// The consumer span, named and attributed per the OpenTelemetry messaging conventions.
@@ -258,8 +284,11 @@ pub fn process_span(subscription: &str, msg: &Inbound, attempt: u32) -> tracing:
         "messaging.destination.subscription.name" = %subscription,
         "messaging.message.id" = %msg.id,
         "messaging.gcp_pubsub.message.delivery_attempt" = attempt,
+        "messaging.message.body.size" = msg.data.len(),
         "gar.image" = field::Empty,
         "gar.digest" = field::Empty,
+        "otel.status_code" = field::Empty,
+        "error.type" = field::Empty,
         trace_id = field::Empty,
     )
 }

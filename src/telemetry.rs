@@ -10,8 +10,14 @@ use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing::Subscriber;
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::filter::{EnvFilter, Targets};
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
@@ -88,10 +94,14 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
         })?;
     let fmt = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .flatten_event(true)
+            .fmt_fields(JsonFields::new())
+            .event_format(WithTraceId(
+                tracing_subscriber::fmt::format()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .flatten_event(true),
+            ))
             .with_writer(std::io::stdout)
             .with_filter(filter)
             .boxed(),
@@ -102,10 +112,97 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
     };
     Registry::default()
         .with(otel)
+        .with(TraceIdLayer)
         .with(fmt)
         .try_init()
         .map_err(|e| TelemetryError::Init(e.to_string()))?;
     Ok(Telemetry { provider })
+}
+
+/// The field [`continue_trace`] records; JSON log lines carry it at top level.
+const TRACE_ID_FIELD: &str = "trace_id";
+
+/// A span's `trace_id` field, kept in its extensions for [`WithTraceId`].
+struct TraceId(String);
+
+/// Remembers the `trace_id` recorded on a span, so that lines logged in its children (the
+/// pipeline's `lookup`, `restart`, `settle`, kube's `HTTP`) can carry it too.
+struct TraceIdLayer;
+
+impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for TraceIdLayer {
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        if attrs.metadata().fields().field(TRACE_ID_FIELD).is_none() {
+            return;
+        }
+        let mut visitor = TraceIdVisitor(None);
+        attrs.record(&mut visitor);
+        if let (Some(trace_id), Some(span)) = (visitor.0, ctx.span(id)) {
+            span.extensions_mut().insert(TraceId(trace_id));
+        }
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        let mut visitor = TraceIdVisitor(None);
+        values.record(&mut visitor);
+        if let (Some(trace_id), Some(span)) = (visitor.0, ctx.span(id)) {
+            let mut extensions = span.extensions_mut();
+            extensions.remove::<TraceId>();
+            extensions.insert(TraceId(trace_id));
+        }
+    }
+}
+
+struct TraceIdVisitor(Option<String>);
+
+impl Visit for TraceIdVisitor {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == TRACE_ID_FIELD {
+            self.0 = Some(value.to_string());
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == TRACE_ID_FIELD {
+            self.0 = Some(format!("{value:?}"));
+        }
+    }
+}
+
+/// Wraps the JSON event format: a line logged anywhere inside a span that has a trace id
+/// (the consumer span of a message and everything under it) gets a top-level `trace_id`.
+struct WithTraceId<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for WithTraceId<F>
+where
+    F: FormatEvent<S, N>,
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let trace_id = ctx.event_scope().and_then(|scope| {
+            scope
+                .from_root()
+                .find_map(|span| span.extensions().get::<TraceId>().map(|t| t.0.clone()))
+        });
+        let Some(trace_id) = trace_id else {
+            return self.0.format_event(ctx, writer, event);
+        };
+        let mut line = String::new();
+        self.0.format_event(ctx, Writer::new(&mut line), event)?;
+        match line.strip_prefix('{') {
+            Some(rest) => {
+                let quoted = serde_json::to_string(&trace_id).map_err(|_| std::fmt::Error)?;
+                let sep = if rest.starts_with('}') { "" } else { "," };
+                write!(writer, "{{\"{TRACE_ID_FIELD}\":{quoted}{sep}{rest}")
+            }
+            None => writer.write_str(&line),
+        }
+    }
 }
 
 /// Continues the publisher's trace when the message carries `googclient_traceparent`, then
@@ -119,7 +216,7 @@ pub fn continue_trace(span: &tracing::Span, attributes: &HashMap<String, String>
         }
     }
     let trace_id = span.context().span().span_context().trace_id();
-    span.record("trace_id", tracing::field::display(trace_id));
+    span.record(TRACE_ID_FIELD, tracing::field::display(trace_id));
 }
 
 /// Default log format: JSON inside a cluster, text on a terminal.

@@ -147,6 +147,17 @@ impl Harness {
         let child = self.daemon_command().spawn().expect("spawn gar-restarter");
         self.daemon = Some(child);
         self.wait_ready(Duration::from_secs(30)).await;
+        // A start-up rebuild writes the cache ConfigMap in the background; let it land so
+        // tests that count requests start from a quiet API.
+        let log_done = |log: &str| {
+            log.contains("cache ConfigMap written")
+                || log.contains("writing the cache ConfigMap failed")
+                || log.contains("index loaded from the")
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !log_done(&self.daemon_log()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn wait_ready(&mut self, timeout: Duration) {
@@ -334,4 +345,265 @@ pub fn restart_annotations(obj: &Value) -> (Option<String>, Option<String>) {
             .map(str::to_string),
         a["gar-restarter/digest"].as_str().map(str::to_string),
     )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reliability and replay helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A distinct, valid sha256 hex digest for event number `n`.
+pub fn hex_digest(n: usize) -> String {
+    format!("{n:064x}")
+}
+
+/// Path of a Deployment as the fake API records it.
+pub fn deployment_path(ns: &str, name: &str) -> String {
+    format!("/apis/apps/v1/namespaces/{ns}/deployments/{name}")
+}
+
+/// The `gar-restarter/digest` annotation a recorded PATCH carried, if any.
+pub fn patch_digest(req: &gar_testsupport::fake_api::RecordedRequest) -> Option<String> {
+    req.body.as_ref()?["spec"]["template"]["metadata"]["annotations"]["gar-restarter/digest"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// PATCHes to workloads (not to the cache ConfigMap or anything else), all statuses.
+pub fn workload_patches(api: &FakeApi) -> Vec<gar_testsupport::fake_api::RecordedRequest> {
+    api.patches()
+        .into_iter()
+        .filter(|p| {
+            ["/deployments/", "/statefulsets/", "/daemonsets/"]
+                .iter()
+                .any(|k| p.path.contains(k))
+        })
+        .collect()
+}
+
+/// (path, digest) of every workload PATCH the API accepted (2xx), with repetitions.
+pub fn accepted_patches(api: &FakeApi) -> Vec<(String, Option<String>)> {
+    workload_patches(api)
+        .into_iter()
+        .filter(|p| (200..300).contains(&p.status))
+        .map(|p| {
+            let digest = patch_digest(&p);
+            (p.path, digest)
+        })
+        .collect()
+}
+
+/// Workload PATCHes to `path`, all statuses.
+pub fn patches_to(api: &FakeApi, path: &str) -> Vec<gar_testsupport::fake_api::RecordedRequest> {
+    workload_patches(api)
+        .into_iter()
+        .filter(|p| p.path == path)
+        .collect()
+}
+
+/// Which of the `expected` (path, sha256 digest) pairs no accepted PATCH carried yet.
+pub fn missing_pairs(
+    api: &FakeApi,
+    expected: &std::collections::HashSet<(String, String)>,
+) -> Vec<(String, String)> {
+    let done: std::collections::HashSet<(String, String)> = accepted_patches(api)
+        .into_iter()
+        .filter_map(|(path, digest)| digest.map(|d| (path, d)))
+        .collect();
+    let mut missing: Vec<_> = expected.difference(&done).cloned().collect();
+    missing.sort();
+    missing
+}
+
+/// A publisher on the GAR topic of `emulator`, independent of any [`Harness`] borrow, so a
+/// background task can publish while the test kills and restarts daemons.
+pub async fn topic_publisher(emulator_endpoint: &str, topic: &str) -> Publisher {
+    BasePublisher::builder()
+        .with_endpoint(emulator_endpoint.to_string())
+        .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build())
+        .build()
+        .await
+        .expect("publisher client")
+        .publisher(topic.to_string())
+        .build()
+}
+
+/// A second `gar-restarter run` sharing the harness' emulator, API and subscription, with its
+/// own metrics port and log file. Killed (SIGKILL) on drop.
+pub struct ExtraDaemon {
+    pub child: Option<Child>,
+    pub metrics_addr: SocketAddr,
+    pub log_path: PathBuf,
+}
+
+impl ExtraDaemon {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.metrics_addr, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+
+    pub fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics(), series)
+    }
+
+    pub async fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("extra daemon exited early with {status}\n{}", self.log());
+            }
+            if let Some((200, _)) = http_get(self.metrics_addr, "/readyz") {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("extra daemon not ready after {timeout:?}\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for ExtraDaemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- extra daemon log ---\n{}", self.log());
+        }
+    }
+}
+
+/// Output of a finished `gar-restarter` subcommand.
+#[derive(Debug)]
+pub struct CommandOutput {
+    pub status: Option<std::process::ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Harness {
+    /// Like [`Harness::new`], plus extra `(subscription, topic)` pairs on the emulator, e.g. a
+    /// tap on the GAR topic to observe what is published there.
+    pub async fn with_subscriptions(extra: &[(&str, &str)]) -> Harness {
+        init_crypto();
+        let mut subs = vec![(SUB, TOPIC), (DLQ_SUB, DLQ_TOPIC)];
+        subs.extend_from_slice(extra);
+        let emulator = Emulator::start(PROJECT, &[TOPIC, DLQ_TOPIC], &subs)
+            .await
+            .expect("start pstest emulator");
+        let api = FakeApi::start().await.expect("start fake API");
+        let dir = tempfile::tempdir().expect("tempdir");
+        api.write_kubeconfig(&dir.path().join("kubeconfig"))
+            .expect("kubeconfig");
+        Harness {
+            emulator,
+            api,
+            dir,
+            daemon: None,
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            extra_args: Vec::new(),
+            extra_env: Vec::new(),
+            publisher: None,
+        }
+    }
+
+    /// Starts another daemon on the same subscription (active-active replicas) and waits until
+    /// it is ready. `extra_args` of the harness apply to it too.
+    pub async fn spawn_extra_daemon(&self, name: &str) -> ExtraDaemon {
+        let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let log_path = self.dir.path().join(format!("{name}.log"));
+        let log = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .expect("extra daemon log")
+        };
+        let mut cmd = self.daemon_command();
+        // Later flags win (`args_override_self`), so these replace the harness' own.
+        cmd.arg("--metrics-addr")
+            .arg(metrics_addr.to_string())
+            .stdout(Stdio::from(log()))
+            .stderr(Stdio::from(log()));
+        let child = cmd.spawn().expect("spawn extra gar-restarter");
+        let mut daemon = ExtraDaemon {
+            child: Some(child),
+            metrics_addr,
+            log_path,
+        };
+        daemon.wait_ready(Duration::from_secs(30)).await;
+        daemon
+    }
+
+    /// Publishes, retrying for up to `timeout` (the publisher reconnects after an emulator
+    /// restart); returns the message id.
+    pub async fn publish_retrying(&mut self, data: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let msg = Message::new().set_data(bytes::Bytes::from(data.to_string()));
+            match self.publisher().await.publish(msg).await {
+                Ok(id) => return id,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("publish failed, retrying: {e}");
+                    self.publisher = None;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("publish failed for {timeout:?}: {e}"),
+            }
+        }
+    }
+
+    /// Runs `gar-restarter ARGS…` (e.g. `dlq replay …`) against the emulator, killing it after
+    /// `timeout`.
+    pub async fn run_command(&self, args: &[&str], timeout: Duration) -> CommandOutput {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gar-restarter"));
+        cmd.args(args)
+            .env("PUBSUB_EMULATOR_HOST", self.emulator.host())
+            .env("KUBECONFIG", self.dir.path().join("kubeconfig"))
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = cmd.spawn().expect("spawn gar-restarter");
+        let reader = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_string(&mut text);
+                }
+                text
+            })
+        };
+        let stdout = reader(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+        let stderr = reader(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break Some(status);
+            }
+            if started.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let elapsed = started.elapsed();
+        CommandOutput {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+            elapsed,
+        }
+    }
 }

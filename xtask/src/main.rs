@@ -1,1 +1,41 @@
-fn main() {}
+//! Developer tasks for gar-restarter, run as `cargo xtask <task>` (alias in .cargo/config.toml).
+
+mod demo;
+mod emulator;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+const HELP: &str = "\
+cargo xtask <task> [options]
+
+tasks:
+  test       install missing tools, build the emulator, fmt + clippy, the whole test suite,
+             doc tests and deploy/validate.sh (see `cargo xtask test --help`)
+  demo       the real daemon against pstest and a fake Kubernetes API, fed sample GAR
+             events; reports what was restarted and why (see `cargo xtask demo --help`)
+  emulator   the pstest Pub/Sub emulator in the foreground, set up for config/local.toml
+             (see `cargo xtask emulator --help`)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or_default();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test::run(rest),
+        Some("demo") => demo::run(rest),
+        Some("emulator") => emulator::run(rest),
+        None | Some("help" | "-h" | "--help") => {
+            println!("{HELP}");
+            Ok(())
+        }
+        Some(other) => Err(anyhow::anyhow!("unknown task {other:?}\n\n{HELP}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\nxtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

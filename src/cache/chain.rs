@@ -1,0 +1,412 @@
+//! [`CacheChain`]: the [`Lookup`] the daemon uses.
+//!
+//! * Start-up: mount → API (1 GET) → rebuild (LIST pages + 1 write).
+//! * Hot path: a hash lookup in memory; zero API calls.
+//! * Miss: at most one rebuild per `--min-rebuild-interval`, shared by every concurrent miss
+//!   (single flight); refs still unknown afterwards are negatively cached until the next
+//!   rebuild. A storm of pushes for images nobody runs costs one LIST sweep.
+//! * Freshness: a rebuild every `--refresh-interval`, and the mount reloaded on every swap.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kube::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::mount::{self, MountState};
+use crate::cache::store::{Store, StoreError, Written};
+use crate::cluster::{self, ClusterError};
+use crate::config::ObjectName;
+use crate::image::ImageRef;
+use crate::index::{Index, Scope};
+use crate::lookup::{Hits, Lookup, LookupError, LookupSource, SharedIndex};
+use crate::metrics::{Metrics, ResultLabels};
+use crate::workload::WorkloadRef;
+
+/// Where the index in use came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Origin {
+    None = 0,
+    Mount = 1,
+    Api = 2,
+    Rebuild = 3,
+}
+
+impl Origin {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Origin::Mount,
+            2 => Origin::Api,
+            3 => Origin::Rebuild,
+            _ => Origin::None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::None => "none",
+            Origin::Mount => "mount",
+            Origin::Api => "api",
+            Origin::Rebuild => "rebuild",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error("rebuilding the index: {0}")]
+    Scan(#[from] ClusterError),
+    #[error("reading the cache ConfigMap: {0}")]
+    Store(#[from] StoreError),
+}
+
+pub struct ChainConfig {
+    pub cache_dir: PathBuf,
+    pub configmap: ObjectName,
+    pub scope: Scope,
+    pub min_rebuild_interval: Duration,
+    pub refresh_interval: Duration,
+}
+
+/// Negative-cache entries kept at most; beyond that, misses rely on the interval check.
+const NEGATIVE_CAPACITY: usize = 100_000;
+
+#[derive(Clone)]
+pub struct CacheChain {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    index: SharedIndex,
+    origin: AtomicU8,
+    client: Client,
+    store: Store,
+    config: ChainConfig,
+    metrics: Arc<Metrics>,
+    /// Held while scanning: concurrent misses wait here instead of scanning again.
+    rebuild_lock: tokio::sync::Mutex<()>,
+    /// Bumped after every rebuild attempt, so a waiter can tell one finished meanwhile.
+    generation: AtomicU64,
+    last_rebuild: Mutex<Option<(Instant, bool)>>,
+    negative: Mutex<HashSet<String>>,
+    /// Serialises ConfigMap writes from this process.
+    write_lock: tokio::sync::Mutex<()>,
+}
+
+impl CacheChain {
+    pub fn new(client: Client, config: ChainConfig, metrics: Arc<Metrics>) -> Self {
+        let store = Store::new(client.clone(), config.configmap.clone());
+        Self {
+            inner: Arc::new(Inner {
+                index: SharedIndex::default(),
+                origin: AtomicU8::new(Origin::None as u8),
+                client,
+                store,
+                config,
+                metrics,
+                rebuild_lock: tokio::sync::Mutex::new(()),
+                generation: AtomicU64::new(0),
+                last_rebuild: Mutex::new(None),
+                negative: Mutex::new(HashSet::new()),
+                write_lock: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    pub fn origin(&self) -> Origin {
+        Origin::from_u8(self.inner.origin.load(Ordering::Relaxed))
+    }
+
+    pub fn index(&self) -> Arc<Index> {
+        self.inner.index.load()
+    }
+
+    /// Loads the first index available: mount, then API, then a rebuild.
+    pub async fn init(&self) -> Result<Origin, ChainError> {
+        if self.reload_mount() {
+            return Ok(Origin::Mount);
+        }
+        match self.inner.store.read().await {
+            Ok(Some(index)) if self.in_scope(&index) => {
+                tracing::info!(
+                    configmap = %self.inner.config.configmap,
+                    images = index.image_count(),
+                    "index loaded from the cache ConfigMap"
+                );
+                self.swap(index, Origin::Api);
+                return Ok(Origin::Api);
+            }
+            Ok(Some(_)) => {
+                tracing::info!(configmap = %self.inner.config.configmap, "stored index was built for another scope; rebuilding");
+            }
+            Ok(None) => {
+                tracing::info!(configmap = %self.inner.config.configmap, "no cache ConfigMap; rebuilding");
+            }
+            Err(StoreError::Codec { source, name }) => {
+                self.inner.metrics.index_load_failures.inc();
+                tracing::warn!(configmap = %name, error = %source, "stored index unreadable; rebuilding");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.rebuild("start-up").await?;
+        Ok(Origin::Rebuild)
+    }
+
+    fn in_scope(&self, index: &Index) -> bool {
+        // Hand-written indexes carry no scope: trust them.
+        index.scope().is_none_or(|s| *s == self.inner.config.scope)
+    }
+
+    fn swap(&self, index: Index, origin: Origin) {
+        let generated = index
+            .generated_at()
+            .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
+            .map(|t| t.unix_timestamp());
+        self.inner
+            .metrics
+            .set_index(index.image_count(), index.workload_count(), generated);
+        self.inner.index.store(index);
+        self.inner.origin.store(origin as u8, Ordering::Relaxed);
+    }
+
+    /// Re-reads the mount; swaps the index in if it is valid, in scope, not older than the
+    /// one in use, and different. Returns whether the mount now provides the index.
+    pub fn reload_mount(&self) -> bool {
+        let dir = &self.inner.config.cache_dir;
+        match mount::load(dir) {
+            MountState::Absent => false,
+            MountState::Invalid(reason) => {
+                self.inner.metrics.index_load_failures.inc();
+                tracing::warn!(%reason, "mounted index is invalid; keeping the index in use");
+                false
+            }
+            MountState::Loaded(index, form) => {
+                if !self.in_scope(&index) {
+                    tracing::warn!(dir = %dir.display(), "mounted index was built for another scope; ignoring it");
+                    return false;
+                }
+                let current = self.inner.index.load();
+                let has_current = self.origin() != Origin::None;
+                if has_current && current.same_content(&index) {
+                    return true;
+                }
+                let older = match (index.generated_at(), current.generated_at()) {
+                    (Some(new), Some(cur)) => new < cur,
+                    _ => false,
+                };
+                if has_current && older {
+                    tracing::debug!("mounted index is older than the one in use; keeping ours");
+                    return true;
+                }
+                tracing::info!(
+                    dir = %dir.display(),
+                    form = form.as_str(),
+                    images = index.image_count(),
+                    workloads = index.workload_count(),
+                    "index loaded from the mount"
+                );
+                self.swap(index, Origin::Mount);
+                self.clear_negative();
+                true
+            }
+        }
+    }
+
+    fn clear_negative(&self) {
+        self.inner
+            .negative
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// Scans the cluster, swaps the new index in at once, then writes the ConfigMap.
+    pub async fn rebuild(&self, reason: &str) -> Result<(), ChainError> {
+        let _guard = self.inner.rebuild_lock.lock().await;
+        self.rebuild_locked(reason).await
+    }
+
+    async fn rebuild_locked(&self, reason: &str) -> Result<(), ChainError> {
+        let started = Instant::now();
+        let result = cluster::scan(&self.inner.client, &self.inner.config.scope).await;
+        let ok = result.is_ok();
+        *self.inner.last_rebuild.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), ok));
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        self.inner
+            .metrics
+            .rebuilds
+            .get_or_create(&ResultLabels { result: if ok { "ok" } else { "error" } })
+            .inc();
+        let index = result?;
+        tracing::info!(
+            reason,
+            images = index.image_count(),
+            workloads = index.workload_count(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "index rebuilt from a cluster scan"
+        );
+        self.swap(index, Origin::Rebuild);
+        self.clear_negative();
+        let this = self.clone();
+        tokio::spawn(async move { this.write_current().await });
+        Ok(())
+    }
+
+    /// Stores the index in use; failures are logged, as the next rebuild will try again.
+    async fn write_current(&self) {
+        let _guard = self.inner.write_lock.lock().await;
+        let index = self.inner.index.load();
+        match self.inner.store.write(&index).await {
+            Ok((written, encoded)) => tracing::info!(
+                configmap = %self.inner.config.configmap,
+                result = ?written,
+                form = encoded.form.as_str(),
+                bytes = encoded.bytes,
+                "cache ConfigMap written"
+            ),
+            Err(e) => tracing::warn!(error = %e, "writing the cache ConfigMap failed"),
+        }
+    }
+
+    /// Rebuilds and waits for the ConfigMap write; for `cache rebuild` and `check --rebuild`.
+    pub async fn rebuild_and_store(&self) -> Result<(Written, crate::cache::codec::Encoded), ChainError> {
+        let _guard = self.inner.rebuild_lock.lock().await;
+        let index = cluster::scan(&self.inner.client, &self.inner.config.scope).await?;
+        self.swap(index, Origin::Rebuild);
+        let _write = self.inner.write_lock.lock().await;
+        let index = self.inner.index.load();
+        Ok(self.inner.store.write(&index).await?)
+    }
+
+    /// Background work: reload the mount on kubelet swaps and rebuild periodically.
+    pub fn spawn_background(&self, shutdown: CancellationToken) {
+        let this = self.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move { this.watch_mount(stop).await });
+        let this = self.clone();
+        tokio::spawn(async move {
+            let period = this.inner.config.refresh_interval;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(period) => {}
+                }
+                if let Err(e) = this.rebuild("periodic refresh").await {
+                    tracing::warn!(error = %e, "periodic rebuild failed; keeping the index in use");
+                }
+            }
+        });
+    }
+
+    async fn watch_mount(&self, shutdown: CancellationToken) {
+        let dir = self.inner.config.cache_dir.clone();
+        let mut warned = false;
+        loop {
+            match mount::watch(&dir) {
+                Ok((_watcher, mut events)) => {
+                    tracing::info!(dir = %dir.display(), "watching the mounted index");
+                    // Catch a swap that happened before the watch was in place.
+                    self.reload_mount();
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            ev = events.recv() => match ev {
+                                Some(()) => { self.reload_mount(); }
+                                None => break,
+                            },
+                        }
+                    }
+                }
+                Err(e) => {
+                    if !warned {
+                        tracing::info!(error = %e, "mounted index directory not watchable yet; retrying every 5 s");
+                        warned = true;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    }
+
+    fn negative_contains(&self, key: &str) -> bool {
+        self.inner
+            .negative
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(key)
+    }
+
+    fn remember_miss(&self, key: &str) {
+        let mut set = self.inner.negative.lock().unwrap_or_else(|p| p.into_inner());
+        if set.len() < NEGATIVE_CAPACITY {
+            set.insert(key.to_string());
+        }
+    }
+
+    /// `Some(ok)` when the last rebuild is younger than the minimum interval.
+    fn recent_rebuild(&self) -> Option<bool> {
+        let last = *self.inner.last_rebuild.lock().unwrap_or_else(|p| p.into_inner());
+        last.filter(|(at, _)| at.elapsed() < self.inner.config.min_rebuild_interval)
+            .map(|(_, ok)| ok)
+    }
+
+    fn hits(workloads: Option<Arc<[WorkloadRef]>>, source: LookupSource) -> Hits {
+        Hits {
+            workloads: workloads.unwrap_or_else(|| Arc::from(Vec::new())),
+            source,
+        }
+    }
+
+    fn failed(image: &ImageRef, message: String) -> LookupError {
+        LookupError::Rebuild {
+            image: image.to_string(),
+            message,
+        }
+    }
+}
+
+impl Lookup for CacheChain {
+    async fn lookup(&self, image: &ImageRef) -> Result<Hits, LookupError> {
+        if let Some(w) = self.inner.index.get(image) {
+            return Ok(Self::hits(Some(w), LookupSource::Memory));
+        }
+        let key = image.as_str();
+        if self.negative_contains(key) {
+            return Ok(Self::hits(None, LookupSource::Memory));
+        }
+        match self.recent_rebuild() {
+            Some(true) => {
+                self.remember_miss(key);
+                return Ok(Self::hits(None, LookupSource::Memory));
+            }
+            // The API failed us recently: redeliver later rather than call it again now.
+            Some(false) => {
+                return Err(Self::failed(image, "the last rebuild failed; retrying after --min-rebuild-interval".into()));
+            }
+            None => {}
+        }
+        let seen = self.inner.generation.load(Ordering::Acquire);
+        let _guard = self.inner.rebuild_lock.lock().await;
+        if self.inner.generation.load(Ordering::Acquire) == seen && self.recent_rebuild().is_none() {
+            self.rebuild_locked(&format!("miss for {image}"))
+                .await
+                .map_err(|e| Self::failed(image, e.to_string()))?;
+        } else if self.recent_rebuild() == Some(false) {
+            return Err(Self::failed(image, "the rebuild for a concurrent miss failed".into()));
+        }
+        match self.inner.index.get(image) {
+            Some(w) => Ok(Self::hits(Some(w), LookupSource::Rebuild)),
+            None => {
+                self.remember_miss(key);
+                Ok(Self::hits(None, LookupSource::Rebuild))
+            }
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! The three stored forms of the index, chosen by size so it always fits ConfigMaps:
+//!
+//! * **plain**: `data["cache.json"]`, the original format, while it fits;
+//! * **gzip**: `binaryData["cache.json.gz"]` once plain JSON would pass the 1 MiB limit;
+//! * **sharded**: gzip split across `NAME-0…NAME-N` (`binaryData["cache.json.gz.<i>"]`), with
+//!   `data["cache-manifest.json"]` in `NAME` naming the shard count and the SHA-256 of the
+//!   whole gzip stream, so a reader can tell a half-updated set from a complete one.
+//!
+//! Shard keys differ per shard so that a projected volume can mount them all in one directory
+//! next to the manifest.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+
+use flate2::Compression;
+use flate2::read::GzDecoder;
+use flate2::write::GzEncoder;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::index::{Index, IndexError};
+
+pub const PLAIN_KEY: &str = "cache.json";
+pub const GZIP_KEY: &str = "cache.json.gz";
+pub const MANIFEST_KEY: &str = "cache-manifest.json";
+
+/// ConfigMaps are capped at 1 MiB including metadata; keep ~48 KiB of headroom for it.
+pub const CONFIGMAP_PAYLOAD_LIMIT: usize = 1_000_000;
+/// binaryData is base64 in the object, so raw bytes may use 3/4 of the payload limit.
+pub const SHARD_RAW_BYTES: usize = CONFIGMAP_PAYLOAD_LIMIT / 4 * 3;
+/// Upper bound on shards (and on the resourceNames RBAC must list).
+pub const MAX_SHARDS: usize = 8;
+/// A decompressed index larger than this is refused rather than exhausting memory.
+const MAX_DECOMPRESSED: u64 = 512 * 1024 * 1024;
+
+pub fn shard_key(i: usize) -> String {
+    format!("{GZIP_KEY}.{i}")
+}
+
+pub fn shard_name(base: &str, i: usize) -> String {
+    format!("{base}-{i}")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    Plain,
+    Gzip,
+    Sharded,
+}
+
+impl Form {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Form::Plain => "plain",
+            Form::Gzip => "gzip",
+            Form::Sharded => "sharded",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub version: u32,
+    pub shards: usize,
+    /// SHA-256 (hex) of the concatenated shards, i.e. of the whole gzip stream.
+    pub sha256: String,
+    #[serde(default)]
+    pub generated_at: Option<String>,
+}
+
+/// What goes into the ConfigMap `NAME` (and, for the sharded form, `NAME-i`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    pub form: Form,
+    pub data: BTreeMap<String, String>,
+    pub binary_data: BTreeMap<String, Vec<u8>>,
+    /// `(key, bytes)` per shard, in order.
+    pub shards: Vec<(String, Vec<u8>)>,
+    /// Bytes stored in total (before base64).
+    pub bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("no cache.json, cache.json.gz or cache-manifest.json present")]
+    Empty,
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error("gzip: {0}")]
+    Gzip(String),
+    #[error("manifest: {0}")]
+    Manifest(String),
+    #[error("shard {0} is missing")]
+    MissingShard(usize),
+    #[error("shards do not match the manifest checksum (an update is probably in progress)")]
+    Checksum,
+    #[error("index needs {needed} shards, more than the {max} allowed")]
+    TooLarge { needed: usize, max: usize },
+}
+
+/// Size limits, parameters so tests can force every form with small inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub payload: usize,
+    pub shard_raw: usize,
+    pub max_shards: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            payload: CONFIGMAP_PAYLOAD_LIMIT,
+            shard_raw: SHARD_RAW_BYTES,
+            max_shards: MAX_SHARDS,
+        }
+    }
+}
+
+pub fn encode(index: &Index, limits: Limits) -> Result<Encoded, CodecError> {
+    let json = index.to_json();
+    if json.len() <= limits.payload {
+        let text = String::from_utf8_lossy(&json).into_owned();
+        return Ok(Encoded {
+            form: Form::Plain,
+            bytes: text.len(),
+            data: BTreeMap::from([(PLAIN_KEY.to_string(), text)]),
+            binary_data: BTreeMap::new(),
+            shards: Vec::new(),
+        });
+    }
+    let gz = gzip(&json)?;
+    if gz.len().div_ceil(3) * 4 <= limits.payload {
+        return Ok(Encoded {
+            form: Form::Gzip,
+            bytes: gz.len(),
+            data: BTreeMap::new(),
+            binary_data: BTreeMap::from([(GZIP_KEY.to_string(), gz)]),
+            shards: Vec::new(),
+        });
+    }
+    let chunk = limits.shard_raw.max(1);
+    let needed = gz.len().div_ceil(chunk);
+    if needed > limits.max_shards {
+        return Err(CodecError::TooLarge {
+            needed,
+            max: limits.max_shards,
+        });
+    }
+    let manifest = Manifest {
+        version: 1,
+        shards: needed,
+        sha256: hex(&Sha256::digest(&gz)),
+        generated_at: index.generated_at().map(str::to_string),
+    };
+    let manifest_json =
+        serde_json::to_string(&manifest).map_err(|e| CodecError::Manifest(e.to_string()))?;
+    let shards = gz
+        .chunks(chunk)
+        .enumerate()
+        .map(|(i, c)| (shard_key(i), c.to_vec()))
+        .collect();
+    Ok(Encoded {
+        form: Form::Sharded,
+        bytes: gz.len(),
+        data: BTreeMap::from([(MANIFEST_KEY.to_string(), manifest_json)]),
+        binary_data: BTreeMap::new(),
+        shards,
+    })
+}
+
+/// Decodes whichever form is present. `shard` fetches shard `i`'s bytes (from the same
+/// directory for a mount, from `NAME-i` through the API).
+pub fn decode(
+    data: &BTreeMap<String, String>,
+    binary_data: &BTreeMap<String, Vec<u8>>,
+    mut shard: impl FnMut(usize) -> Option<Vec<u8>>,
+) -> Result<(Index, Form), CodecError> {
+    if let Some(json) = data.get(PLAIN_KEY) {
+        return Ok((Index::from_json(json.as_bytes())?, Form::Plain));
+    }
+    if let Some(gz) = binary_data.get(GZIP_KEY) {
+        return Ok((Index::from_json(&gunzip(gz)?)?, Form::Gzip));
+    }
+    let Some(manifest) = data.get(MANIFEST_KEY) else {
+        return Err(CodecError::Empty);
+    };
+    let manifest: Manifest =
+        serde_json::from_str(manifest).map_err(|e| CodecError::Manifest(e.to_string()))?;
+    if manifest.shards == 0 || manifest.shards > 64 {
+        return Err(CodecError::Manifest(format!("bad shard count {}", manifest.shards)));
+    }
+    let mut gz = Vec::new();
+    for i in 0..manifest.shards {
+        gz.extend(shard(i).ok_or(CodecError::MissingShard(i))?);
+    }
+    if hex(&Sha256::digest(&gz)) != manifest.sha256 {
+        return Err(CodecError::Checksum);
+    }
+    Ok((Index::from_json(&gunzip(&gz)?)?, Form::Sharded))
+}
+
+fn gzip(bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
+    let mut enc = GzEncoder::new(Vec::new(), Compression::default());
+    enc.write_all(bytes)
+        .and_then(|_| enc.finish())
+        .map_err(|e| CodecError::Gzip(e.to_string()))
+}
+
+fn gunzip(bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::new();
+    GzDecoder::new(bytes)
+        .take(MAX_DECOMPRESSED)
+        .read_to_end(&mut out)
+        .map_err(|e| CodecError::Gzip(e.to_string()))?;
+    Ok(out)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::ImageRef;
+    use crate::index::Scope;
+    use crate::workload::{WorkloadKind, WorkloadRef};
+
+    /// 20,000 workloads over 50,000 image references.
+    pub(crate) fn big_index(workloads: usize) -> Index {
+        let entries = (0..workloads).map(|i| {
+            let kind = WorkloadKind::ALL[i % 3];
+            let w = WorkloadRef::new(kind, &format!("team-{}", i % 97), &format!("svc-{i}"));
+            let images = (0..(1 + i % 4))
+                .map(|j| {
+                    ImageRef::parse(&format!(
+                        "europe-west4-docker.pkg.dev/project-{}/repo/img-{}:v{}",
+                        i % 13,
+                        (i * 7 + j) % 25_000,
+                        j
+                    ))
+                    .unwrap()
+                })
+                .collect();
+            (w, images)
+        });
+        Index::build(entries, Scope::default(), "2026-11-25T00:00:00Z".into())
+    }
+
+    fn round_trip(index: &Index, limits: Limits) -> Form {
+        let enc = encode(index, limits).unwrap();
+        let shards = enc.shards.clone();
+        let (back, form) = decode(&enc.data, &enc.binary_data, |i| {
+            shards.get(i).map(|(_, b)| b.clone())
+        })
+        .unwrap();
+        assert!(back.same_content(index));
+        assert_eq!(form, enc.form);
+        form
+    }
+
+    #[test]
+    fn twenty_thousand_workloads_survive_every_form() {
+        let index = big_index(20_000);
+        assert_eq!(index.workload_count(), 20_000);
+        let json_len = index.to_json().len();
+        assert!(json_len > CONFIGMAP_PAYLOAD_LIMIT, "plain would not fit: {json_len}");
+        // Default limits: 20k workloads fit gzip-compressed in one ConfigMap.
+        let form = round_trip(&index, Limits::default());
+        assert_eq!(form, Form::Gzip);
+        // Force sharding with a small shard size.
+        let limits = Limits { payload: 100_000, shard_raw: 60_000, max_shards: 64 };
+        assert_eq!(round_trip(&index, limits), Form::Sharded);
+        // Small indexes stay plain (the original format).
+        assert_eq!(round_trip(&big_index(10), Limits::default()), Form::Plain);
+    }
+
+    #[test]
+    fn detects_missing_and_stale_shards() {
+        let index = big_index(5_000);
+        let limits = Limits { payload: 10_000, shard_raw: 20_000, max_shards: 64 };
+        let enc = encode(&index, limits).unwrap();
+        assert!(enc.shards.len() > 1);
+        let err = decode(&enc.data, &enc.binary_data, |i| {
+            (i == 0).then(|| enc.shards[0].1.clone())
+        })
+        .unwrap_err();
+        assert!(matches!(err, CodecError::MissingShard(1)));
+        let err = decode(&enc.data, &enc.binary_data, |i| {
+            let mut b = enc.shards[i].1.clone();
+            if i == 1 {
+                b[0] ^= 0xff;
+            }
+            Some(b)
+        })
+        .unwrap_err();
+        assert!(matches!(err, CodecError::Checksum));
+        let limits = Limits { payload: 10_000, shard_raw: 1_000, max_shards: 2 };
+        assert!(matches!(encode(&index, limits), Err(CodecError::TooLarge { .. })));
+    }
+}

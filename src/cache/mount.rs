@@ -1,0 +1,151 @@
+//! The index file mounted from the cache ConfigMap, and its reload when kubelet swaps it.
+//!
+//! Kubelet never writes `cache.json` in place: it writes a new `..YYYY_MM_DD…` directory,
+//! points `..data_tmp` at it and renames that over `..data`; `cache.json` is a symlink through
+//! `..data`. A watch on the file dies with the old directory, so we watch the directory itself
+//! (non-recursively, inotify) and re-read through the link on any event.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use crate::cache::codec::{self, CodecError, Form};
+use crate::index::Index;
+
+/// Quiet time after the last event before re-reading: one kubelet swap is four events.
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
+
+#[derive(Debug)]
+pub enum MountState {
+    /// No index file in the directory (the ConfigMap is absent or the volume not mounted).
+    Absent,
+    Invalid(String),
+    Loaded(Index, Form),
+}
+
+/// Reads whichever form is mounted. Shards come from the same directory (a projected volume).
+pub fn load(dir: &Path) -> MountState {
+    let read = |name: &str| std::fs::read(dir.join(name)).ok();
+    let mut data = BTreeMap::new();
+    let mut binary = BTreeMap::new();
+    for key in [codec::PLAIN_KEY, codec::MANIFEST_KEY] {
+        if let Some(bytes) = read(key) {
+            data.insert(key.to_string(), String::from_utf8_lossy(&bytes).into_owned());
+        }
+    }
+    if let Some(bytes) = read(codec::GZIP_KEY) {
+        binary.insert(codec::GZIP_KEY.to_string(), bytes);
+    }
+    match codec::decode(&data, &binary, |i| read(&codec::shard_key(i))) {
+        Ok((index, form)) => MountState::Loaded(index, form),
+        Err(CodecError::Empty) => MountState::Absent,
+        Err(e) => MountState::Invalid(format!("{}: {e}", dir.display())),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("watching {dir}: {message}")]
+pub struct WatchError {
+    pub dir: PathBuf,
+    pub message: String,
+}
+
+/// Watches `dir` and sends one notification per burst of events (debounced).
+///
+/// The returned watcher must be kept alive. If `dir` does not exist yet, the caller retries.
+pub fn watch(dir: &Path) -> Result<(RecommendedWatcher, mpsc::Receiver<()>), WatchError> {
+    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok() {
+            let _ = raw_tx.send(());
+        }
+    })
+    .map_err(|e| WatchError {
+        dir: dir.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    watcher
+        .watch(dir, RecursiveMode::NonRecursive)
+        .map_err(|e| WatchError {
+            dir: dir.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        while raw_rx.recv().await.is_some() {
+            // Debounce: wait until the events stop for DEBOUNCE.
+            loop {
+                match tokio::time::timeout(DEBOUNCE, raw_rx.recv()).await {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+            }
+            if tx.send(()).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok((watcher, rx))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// Writes `files` the way kubelet's atomic writer does: a timestamped directory, a
+    /// `..data_tmp` link renamed over `..data`, and per-key links through `..data`.
+    pub fn kubelet_swap(dir: &Path, generation: u32, files: &[(&str, &[u8])]) {
+        let ts = format!("..2026_11_25_00_00_00.{generation:09}");
+        let new_dir = dir.join(&ts);
+        std::fs::create_dir_all(&new_dir).unwrap();
+        for (name, bytes) in files {
+            std::fs::write(new_dir.join(name), bytes).unwrap();
+        }
+        let old = std::fs::read_link(dir.join("..data")).ok();
+        let tmp = dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        symlink(&ts, &tmp).unwrap();
+        std::fs::rename(&tmp, dir.join("..data")).unwrap();
+        for (name, _) in files {
+            let link = dir.join(name);
+            if std::fs::symlink_metadata(&link).is_err() {
+                symlink(Path::new("..data").join(name), &link).unwrap();
+            }
+        }
+        if let Some(old) = old {
+            let _ = std::fs::remove_dir_all(dir.join(old));
+        }
+    }
+
+    #[test]
+    fn loads_plain_and_reports_absent_and_invalid() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(load(dir.path()), MountState::Absent));
+        kubelet_swap(dir.path(), 1, &[("cache.json", b"{\"images\":{\"nginx\":[{\"name\":\"a\",\"namespace\":\"b\"}]}}")]);
+        let MountState::Loaded(index, Form::Plain) = load(dir.path()) else {
+            panic!("expected plain index")
+        };
+        assert_eq!(index.workload_count(), 1);
+        kubelet_swap(dir.path(), 2, &[("cache.json", b"{corrupt")]);
+        assert!(matches!(load(dir.path()), MountState::Invalid(_)));
+    }
+
+    #[tokio::test]
+    async fn watch_fires_on_kubelet_swap() {
+        let dir = tempfile::tempdir().unwrap();
+        kubelet_swap(dir.path(), 1, &[("cache.json", b"{\"images\":{}}")]);
+        let (_w, mut rx) = watch(dir.path()).unwrap();
+        for generation in 2..5 {
+            kubelet_swap(dir.path(), generation, &[("cache.json", b"{\"images\":{}}")]);
+            tokio::time::timeout(Duration::from_secs(2), rx.recv())
+                .await
+                .expect("event within 2 s")
+                .expect("channel open");
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! The index in its ConfigMap, through the API: read (1 GET, plus one per shard) and write
+//! (create on 404, replace with the resourceVersion read, re-read and retry on 409).
+//!
+//! Concurrent writers converge: on a conflict the writer re-reads, and if the stored index
+//! is at least as new as its own it stops, so an older scan never overwrites a newer one.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Client;
+use kube::api::{Api, PostParams};
+
+use crate::cache::codec::{self, CodecError, Encoded, Form, Limits};
+use crate::cluster::{ErrorClass, classify};
+use crate::config::ObjectName;
+use crate::index::Index;
+
+const FIELD_MANAGER: &str = "gar-restarter";
+const MAX_CONFLICT_RETRIES: usize = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{verb} ConfigMap {name}: {source}")]
+    Api {
+        verb: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("ConfigMap {name}: {source}")]
+    Codec {
+        name: String,
+        #[source]
+        source: CodecError,
+    },
+    #[error("ConfigMap {name}: still conflicting after {MAX_CONFLICT_RETRIES} retries")]
+    Conflict { name: String },
+}
+
+impl StoreError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            StoreError::Api { source, .. } => classify(source),
+            StoreError::Codec { .. } => ErrorClass::Permanent,
+            StoreError::Conflict { .. } => ErrorClass::Transient { retry_after: None },
+        }
+    }
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    Created(Form),
+    Replaced(Form),
+    /// Another writer stored an index at least as new; ours was dropped.
+    Superseded,
+    /// The stored index already has this content; nothing was written.
+    Unchanged,
+}
+
+pub struct Store {
+    client: Client,
+    target: ObjectName,
+    limits: Limits,
+}
+
+impl Store {
+    pub fn new(client: Client, target: ObjectName) -> Self {
+        Self {
+            client,
+            target,
+            limits: Limits::default(),
+        }
+    }
+
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn target(&self) -> &ObjectName {
+        &self.target
+    }
+
+    fn api(&self) -> Api<ConfigMap> {
+        Api::namespaced(self.client.clone(), &self.target.namespace)
+    }
+
+    fn api_err(&self, verb: &'static str, name: &str) -> impl FnOnce(kube::Error) -> StoreError {
+        let name = format!("{}/{name}", self.target.namespace);
+        move |source| StoreError::Api { verb, name, source }
+    }
+
+    /// `Ok(None)` when the ConfigMap does not exist.
+    pub async fn read(&self) -> Result<Option<Index>, StoreError> {
+        let Some(cm) = self
+            .api()
+            .get_opt(&self.target.name)
+            .await
+            .map_err(self.api_err("GET", &self.target.name))?
+        else {
+            return Ok(None);
+        };
+        self.decode(&cm).await.map(Some)
+    }
+
+    async fn decode(&self, cm: &ConfigMap) -> Result<Index, StoreError> {
+        let data = cm.data.clone().unwrap_or_default();
+        let binary: BTreeMap<String, Vec<u8>> = cm
+            .binary_data
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect();
+        // Shards are fetched only for the sharded form, before decoding (decode is sync).
+        let mut shards = Vec::new();
+        if data.contains_key(codec::MANIFEST_KEY)
+            && !data.contains_key(codec::PLAIN_KEY)
+            && !binary.contains_key(codec::GZIP_KEY)
+        {
+            let count = serde_json::from_str::<codec::Manifest>(&data[codec::MANIFEST_KEY])
+                .map(|m| m.shards.min(64))
+                .unwrap_or(0);
+            for i in 0..count {
+                let name = codec::shard_name(&self.target.name, i);
+                let shard = self
+                    .api()
+                    .get_opt(&name)
+                    .await
+                    .map_err(self.api_err("GET", &name))?;
+                shards.push(shard.and_then(|s| {
+                    s.binary_data
+                        .and_then(|mut b| b.remove(&codec::shard_key(i)))
+                        .map(|b| b.0)
+                }));
+            }
+        }
+        codec::decode(&data, &binary, |i| shards.get(i).cloned().flatten())
+            .map(|(index, _form)| index)
+            .map_err(|source| StoreError::Codec {
+                name: self.target.to_string(),
+                source,
+            })
+    }
+
+    /// Writes `index`, shards first and the main ConfigMap last, so readers never see a
+    /// manifest that points at shards not yet written.
+    pub async fn write(&self, index: &Index) -> Result<(Written, Encoded), StoreError> {
+        let encoded = codec::encode(index, self.limits).map_err(|source| StoreError::Codec {
+            name: self.target.to_string(),
+            source,
+        })?;
+        for (i, (key, bytes)) in encoded.shards.iter().enumerate() {
+            let name = codec::shard_name(&self.target.name, i);
+            let cm = self.configmap(
+                &name,
+                BTreeMap::new(),
+                BTreeMap::from([(key.clone(), bytes.clone())]),
+            );
+            self.put(&name, cm, None).await?;
+        }
+        let main = self.configmap(
+            &self.target.name,
+            encoded.data.clone(),
+            encoded.binary_data.clone(),
+        );
+        let written = self.put(&self.target.name, main, Some(index)).await?;
+        Ok((written, encoded))
+    }
+
+    fn configmap(
+        &self,
+        name: &str,
+        data: BTreeMap<String, String>,
+        binary: BTreeMap<String, Vec<u8>>,
+    ) -> ConfigMap {
+        ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                namespace: Some(self.target.namespace.clone()),
+                labels: Some(BTreeMap::from([(
+                    "app.kubernetes.io/managed-by".to_string(),
+                    "gar-restarter".to_string(),
+                )])),
+                ..Default::default()
+            },
+            data: (!data.is_empty()).then_some(data),
+            binary_data: (!binary.is_empty())
+                .then(|| binary.into_iter().map(|(k, v)| (k, ByteString(v))).collect()),
+            ..Default::default()
+        }
+    }
+
+    /// Create-or-replace with optimistic concurrency. With `newer_than`, a conflicting
+    /// write by someone else with an index at least as new wins.
+    async fn put(
+        &self,
+        name: &str,
+        mut desired: ConfigMap,
+        newer_than: Option<&Index>,
+    ) -> Result<Written, StoreError> {
+        let api = self.api();
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..Default::default()
+        };
+        let form = form_of(&desired);
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let current = api.get_opt(name).await.map_err(self.api_err("GET", name))?;
+            let result = match current {
+                None => {
+                    desired.metadata.resource_version = None;
+                    api.create(&params, &desired)
+                        .await
+                        .map(|_| Written::Created(form))
+                }
+                Some(current) => {
+                    if let Some(ours) = newer_than
+                        && let Ok(theirs) = self.decode(&current).await
+                    {
+                        if theirs.same_content(ours) {
+                            return Ok(Written::Unchanged);
+                        }
+                        if is_newer_or_equal(&theirs, ours) {
+                            return Ok(Written::Superseded);
+                        }
+                    }
+                    desired.metadata.resource_version = current.metadata.resource_version.clone();
+                    api.replace(name, &params, &desired)
+                        .await
+                        .map(|_| Written::Replaced(form))
+                }
+            };
+            match result {
+                Ok(w) => return Ok(w),
+                // 409: someone wrote between our GET and our write (AlreadyExists on create,
+                // Conflict on replace): read again and retry.
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    tracing::debug!(configmap = name, "write conflict; re-reading");
+                    continue;
+                }
+                Err(e) => return Err(self.api_err("write", name)(e)),
+            }
+        }
+        Err(StoreError::Conflict {
+            name: format!("{}/{name}", self.target.namespace),
+        })
+    }
+}
+
+fn form_of(cm: &ConfigMap) -> Form {
+    let has = |k: &str| cm.data.as_ref().is_some_and(|d| d.contains_key(k));
+    if has(codec::PLAIN_KEY) {
+        Form::Plain
+    } else if has(codec::MANIFEST_KEY) {
+        Form::Sharded
+    } else {
+        Form::Gzip
+    }
+}
+
+/// RFC 3339 UTC timestamps of equal precision compare correctly as strings.
+fn is_newer_or_equal(theirs: &Index, ours: &Index) -> bool {
+    match (theirs.generated_at(), ours.generated_at()) {
+        (Some(t), Some(o)) => t >= o,
+        _ => false,
+    }
+}

@@ -1,0 +1,645 @@
+//! "Never lose, never duplicate": fault tests against the real daemon binary, pstest and the
+//! fake Kubernetes API.
+//!
+//! Every test asserts what an operator could observe: the PATCHes the API server accepted
+//! (filtered to workload PATCHes, since the daemon may also talk to its cache ConfigMap), the
+//! dead-letter topic and `/metrics`. Timings that matter (resume after an emulator restart,
+//! exit after SIGTERM) are measured and printed, so `--nocapture` shows them.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use gar_testsupport::fake_api::{Fault, deployment};
+use google_cloud_pubsub::model::Message;
+
+/// pstest redelivers an unacked message once its ack deadline (10 s at the least) has passed;
+/// waits that depend on a redelivery allow for that plus generous scheduling slack.
+const REDELIVERY_WAIT: Duration = Duration::from_secs(35);
+
+fn sha(hex: &str) -> String {
+    format!("sha256:{hex}")
+}
+
+/// Waits until every expected (path, digest) pair has an accepted PATCH.
+async fn wait_for_pairs(
+    h: &Harness,
+    expected: &HashSet<(String, String)>,
+    timeout: Duration,
+) -> bool {
+    wait_until(timeout, || missing_pairs(&h.api, expected).is_empty()).await
+}
+
+fn dead_letter_total(metrics: &str) -> f64 {
+    ["malformed", "permanent", "exhausted"]
+        .iter()
+        .map(|k| {
+            metric_value(
+                metrics,
+                &format!("gar_restarter_dead_letters_total{{kind=\"{k}\"}}"),
+            )
+        })
+        .sum()
+}
+
+/// (a) SIGKILL three times while 240 events stream in: every (workload, digest) pair is
+/// still restarted at least once, because nothing is acked before its PATCH succeeded and a
+/// killed replica's unacked messages come back after the ack deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_stream_loses_no_event() {
+    const WORKLOADS: usize = 20;
+    const EVENTS: usize = 240;
+    let mut h = Harness::new().await;
+    for i in 0..WORKLOADS {
+        h.api.insert(deployment(
+            "prod",
+            &format!("svc{i}"),
+            &[&gar(&format!("svc{i}:v1"))],
+        ));
+    }
+    h.start_daemon().await;
+
+    let mut expected = HashSet::new();
+    let mut payloads = Vec::new();
+    for n in 0..EVENTS {
+        let w = n % WORKLOADS;
+        let hex = hex_digest(n + 1);
+        expected.insert((deployment_path("prod", &format!("svc{w}")), sha(&hex)));
+        payloads.push(insert(&format!("svc{w}:v1"), &hex));
+    }
+    let publisher = topic_publisher(&h.emulator.endpoint(), &h.emulator.topic(TOPIC)).await;
+    let publishing = tokio::spawn(async move {
+        for p in payloads {
+            publisher
+                .publish(Message::new().set_data(Bytes::from(p)))
+                .await
+                .expect("publish");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    });
+
+    let mut accepted_at_kill = Vec::new();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        h.kill_daemon();
+        accepted_at_kill.push(accepted_patches(&h.api).len());
+        h.start_daemon().await;
+    }
+    let last_kill = Instant::now();
+    assert!(
+        !publishing.is_finished(),
+        "all three kills must land while events are still being published"
+    );
+    tokio::time::timeout(Duration::from_secs(30), publishing)
+        .await
+        .expect("publishing finishes")
+        .expect("publisher task");
+
+    let done = wait_for_pairs(&h, &expected, REDELIVERY_WAIT).await;
+    let missing = missing_pairs(&h.api, &expected);
+    assert!(
+        done,
+        "{} of {} (workload, digest) pairs never restarted, e.g. {:?}\n{}",
+        missing.len(),
+        expected.len(),
+        missing.iter().take(5).collect::<Vec<_>>(),
+        h.daemon_log()
+    );
+    let accepted = accepted_patches(&h.api).len();
+    eprintln!(
+        "kill test: accepted PATCHes at each kill {accepted_at_kill:?}; all {EVENTS} pairs \
+         done {:.1}s after the last kill; {accepted} accepted PATCHes in total ({} duplicates \
+         from redelivery after a kill)",
+        last_kill.elapsed().as_secs_f64(),
+        accepted - EVENTS
+    );
+}
+
+/// (b) 30 % of PATCHes fail with 503 or 429 (Retry-After: 1): in-process retries and
+/// redelivery absorb them all; nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flaky_api_completes_every_event_without_dead_letters() {
+    const APPS: usize = 5;
+    const EVENTS: usize = 30;
+    let mut h = Harness::new().await;
+    for i in 0..APPS {
+        for ns in ["prod", "staging"] {
+            h.api.insert(deployment(
+                ns,
+                &format!("app{i}"),
+                &[&gar(&format!("app{i}:v1"))],
+            ));
+        }
+    }
+    // The first firing error wins: 0.15 + 0.85 * 0.1765 ≈ 0.30 of PATCHes fail.
+    h.api.add_fault(
+        Fault::error("/deployments/", 503)
+            .on_method("PATCH")
+            .with_probability(0.15),
+    );
+    h.api.add_fault(
+        Fault::error("/deployments/", 429)
+            .on_method("PATCH")
+            .with_probability(0.1765)
+            .with_retry_after(1),
+    );
+    h.start_daemon().await;
+
+    let mut expected = HashSet::new();
+    for n in 0..EVENTS {
+        let app = format!("app{}", n % APPS);
+        let hex = hex_digest(1000 + n);
+        for ns in ["prod", "staging"] {
+            expected.insert((deployment_path(ns, &app), sha(&hex)));
+        }
+        h.publish(&insert(&format!("{app}:v1"), &hex)).await;
+    }
+    let done = wait_for_pairs(&h, &expected, Duration::from_secs(45)).await;
+    let missing = missing_pairs(&h.api, &expected);
+    assert!(done, "not restarted: {missing:?}\n{}", h.daemon_log());
+
+    let failed: HashMap<u16, usize> =
+        workload_patches(&h.api)
+            .iter()
+            .fold(HashMap::new(), |mut m, p| {
+                *m.entry(p.status).or_default() += 1;
+                m
+            });
+    eprintln!("flaky API: PATCH statuses {failed:?}");
+    assert!(
+        failed.get(&503).copied().unwrap_or(0) > 0 && failed.get(&429).copied().unwrap_or(0) > 0,
+        "the faults must have fired: {failed:?}"
+    );
+    let letters = h.dead_letters(1, Duration::from_secs(2)).await;
+    assert!(letters.is_empty(), "dead-lettered: {:?}", letters);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            h.metric("gar_restarter_events_settled_total{outcome=\"ack\"}") >= EVENTS as f64
+        })
+        .await,
+        "{}",
+        h.metrics()
+    );
+    assert_eq!(dead_letter_total(&h.metrics()), 0.0, "{}", h.metrics());
+}
+
+/// (c) One of three workloads answers 403: the event is dead-lettered as `permanent`, naming
+/// that workload and the status, and the other two are restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_workload_dead_letters_the_event_and_restarts_the_others() {
+    let mut h = Harness::new().await;
+    for name in ["a", "b", "c"] {
+        h.api.insert(deployment("prod", name, &[&gar("app:v1")]));
+    }
+    h.api
+        .add_fault(Fault::error(deployment_path("prod", "b"), 403).on_method("PATCH"));
+    h.start_daemon().await;
+    let id = h.publish(&insert("app:v1", HEX_A)).await;
+
+    let letters = h.dead_letters(1, Duration::from_secs(20)).await;
+    assert_eq!(letters.len(), 1, "{}", h.daemon_log());
+    let dl = &letters[0];
+    assert_eq!(dl.attributes["dlq_kind"], "permanent");
+    assert_eq!(dl.attributes["dlq_original_message_id"], id);
+    let reason = &dl.attributes["dlq_reason"];
+    assert!(reason.contains("Deployment prod/b"), "{reason}");
+    assert!(reason.contains("403"), "{reason}");
+    assert!(
+        !reason.contains("prod/a") && !reason.contains("prod/c"),
+        "{reason}"
+    );
+    for name in ["a", "c"] {
+        let (at, digest) = restart_annotations(&h.deployment("prod", name));
+        assert!(at.is_some(), "prod/{name} restarted");
+        assert_eq!(digest, Some(sha(HEX_A)));
+    }
+    assert_eq!(restart_annotations(&h.deployment("prod", "b")), (None, None));
+    for name in ["a", "c"] {
+        assert_eq!(
+            patches_to(&h.api, &deployment_path("prod", name)).len(),
+            1,
+            "prod/{name} patched once"
+        );
+    }
+}
+
+/// (d) The emulator restarts (all its state lost, message ids start again at m0): the daemon
+/// reconnects by itself and processes new events within 5 s of the emulator being back, even
+/// a tag-only event whose message id repeats one seen before the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emulator_restart_resumes_within_five_seconds() {
+    let mut h = Harness::new().await;
+    h.api.insert(deployment("prod", "web", &[&gar("web:v1")]));
+    h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
+    h.start_daemon().await;
+    let web = deployment_path("prod", "web");
+    let api = deployment_path("prod", "api");
+    let tag_only = serde_json::json!({"action": "INSERT", "tag": gar("web:v1")}).to_string();
+
+    let first_web = h.publish(&tag_only).await;
+    h.publish(&insert("app:v1", HEX_A)).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            patches_to(&h.api, &web).len() == 1
+                && missing_pairs(&h.api, &HashSet::from([(api.clone(), sha(HEX_A))])).is_empty()
+        })
+        .await,
+        "{}",
+        h.daemon_log()
+    );
+    // Let the acks reach the emulator before it goes away.
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            h.metric("gar_restarter_events_settled_total{outcome=\"ack\"}") >= 2.0
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    h.emulator.restart().await.expect("restart emulator");
+    let back = Instant::now();
+    let second_web = h.publish_retrying(&tag_only, Duration::from_secs(5)).await;
+    h.publish_retrying(&insert("app:v1", HEX_B), Duration::from_secs(5))
+        .await;
+    let expected = HashSet::from([(api.clone(), sha(HEX_B))]);
+    let resumed = wait_until(Duration::from_secs(20), || {
+        patches_to(&h.api, &web)
+            .iter()
+            .filter(|p| p.status == 200)
+            .count()
+            == 2
+            && missing_pairs(&h.api, &expected).is_empty()
+    })
+    .await;
+    let took = back.elapsed();
+    eprintln!(
+        "emulator restart: events published after the restart processed {:.2}s after the \
+         emulator was back (message ids {first_web} before, {second_web} after)",
+        took.as_secs_f64()
+    );
+    assert!(
+        resumed,
+        "not processed after the emulator restart (web PATCHes: {}, api missing: {:?})\n{}",
+        patches_to(&h.api, &web).len(),
+        missing_pairs(&h.api, &expected),
+        h.daemon_log()
+    );
+    assert!(
+        took <= Duration::from_secs(5),
+        "took {took:?} to resume after the emulator came back\n{}",
+        h.daemon_log()
+    );
+}
+
+/// (e) The same event published three times, close together and with slow PATCHes so the
+/// copies are in flight at once: exactly one PATCH per workload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_events_restart_each_workload_once() {
+    let mut h = Harness::new().await;
+    h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
+    h.api.insert(deployment("staging", "api", &[&gar("app:v1")]));
+    h.api.add_fault(
+        Fault::delay("/deployments/", Duration::from_millis(300)).on_method("PATCH"),
+    );
+    h.start_daemon().await;
+    let body = insert("app:v1", HEX_A);
+    for _ in 0..3 {
+        h.publish(&body).await;
+    }
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            h.metric("gar_restarter_events_settled_total{outcome=\"ack\"}") >= 3.0
+        })
+        .await,
+        "{}\n{}",
+        h.metrics(),
+        h.daemon_log()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for ns in ["prod", "staging"] {
+        let n = patches_to(&h.api, &deployment_path(ns, "api")).len();
+        assert_eq!(n, 1, "{ns}/api PATCHed {n} times\n{}", h.daemon_log());
+    }
+    assert_eq!(workload_patches(&h.api).len(), 2);
+}
+
+/// (f) Each class of malformed message reaches the dead-letter topic as `malformed`, with a
+/// reason naming the problem and the payload unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_are_dead_lettered_with_a_reason_per_class() {
+    let mut h = Harness::new().await;
+    h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
+    h.start_daemon().await;
+    h.api.clear_requests();
+
+    let huge = format!(
+        r#"{{"action":"INSERT","tag":"{}","pad":"{}"}}"#,
+        gar("app:v1"),
+        "x".repeat(70_000)
+    );
+    let cases: Vec<(&str, String, &[&str])> = vec![
+        ("not-json", "{not json".into(), &["not a JSON object"]),
+        (
+            "missing-action",
+            serde_json::json!({"tag": gar("app:v1")}).to_string(),
+            &["no \"action\" field"],
+        ),
+        (
+            "unknown-action",
+            serde_json::json!({"action": "UPDATE", "tag": gar("app:v1")}).to_string(),
+            &["unknown action \"UPDATE\""],
+        ),
+        (
+            "invalid-reference",
+            serde_json::json!({"action": "INSERT", "tag": "Not A Ref"}).to_string(),
+            &["field \"tag\"", "\"Not A Ref\"", "invalid"],
+        ),
+        ("too-large", huge.clone(), &["over the 64 KiB limit"]),
+        (
+            "tag-is-digest",
+            serde_json::json!({"action": "INSERT", "tag": gar(&format!("app@sha256:{HEX_A}"))})
+                .to_string(),
+            &["digest reference, not a tag"],
+        ),
+    ];
+    let mut sent = HashMap::new();
+    for (case, body, _) in &cases {
+        let attrs = HashMap::from([("case".to_string(), case.to_string())]);
+        let id = h.publish_with(body, attrs).await;
+        sent.insert(case.to_string(), (id, body.clone()));
+    }
+    let letters = h.dead_letters(cases.len(), Duration::from_secs(20)).await;
+    assert_eq!(letters.len(), cases.len(), "{}", h.daemon_log());
+    let by_case: HashMap<String, &Message> = letters
+        .iter()
+        .map(|m| (m.attributes["case"].clone(), m))
+        .collect();
+    for (case, _, needles) in &cases {
+        let dl = by_case
+            .get(*case)
+            .unwrap_or_else(|| panic!("{case} not dead-lettered"));
+        let (id, body) = &sent[*case];
+        assert_eq!(dl.attributes["dlq_kind"], "malformed", "{case}");
+        assert_eq!(&dl.attributes["dlq_original_message_id"], id, "{case}");
+        assert_eq!(dl.attributes["dlq_attempts"], "1", "{case}");
+        assert_eq!(dl.data.as_ref(), body.as_bytes(), "{case}: payload kept");
+        let reason = &dl.attributes["dlq_reason"];
+        for needle in *needles {
+            assert!(reason.contains(needle), "{case}: {reason:?} lacks {needle:?}");
+        }
+    }
+    assert!(
+        workload_patches(&h.api).is_empty(),
+        "nothing malformed restarts anything"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            h.metric("gar_restarter_dead_letters_total{kind=\"malformed\"}") == cases.len() as f64
+        })
+        .await,
+        "{}",
+        h.metrics()
+    );
+}
+
+/// (g) SIGTERM during a burst with slow PATCHes: the daemon exits 0 within the shutdown
+/// timeout (plus a margin for flushing acks), and everything it did not finish is processed
+/// by the next daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_burst_exits_in_time_and_redelivers_the_rest() {
+    const EVENTS: usize = 30;
+    const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+    let mut h = Harness::new().await;
+    for i in 0..EVENTS {
+        h.api.insert(deployment(
+            "prod",
+            &format!("w{i}"),
+            &[&gar(&format!("w{i}:v1"))],
+        ));
+    }
+    h.api.add_fault(
+        Fault::delay("/deployments/", Duration::from_millis(300)).on_method("PATCH"),
+    );
+    // One PATCH hangs past the shutdown timeout, so the drain has to give up on it.
+    h.api.add_fault(
+        Fault::delay(deployment_path("prod", "w0"), Duration::from_secs(8))
+            .on_method("PATCH")
+            .times(1),
+    );
+    h.extra_args = vec![
+        "--shutdown-timeout".into(),
+        "2s".into(),
+        "--max-in-flight".into(),
+        "4".into(),
+    ];
+    h.start_daemon().await;
+
+    let mut expected = HashSet::new();
+    for i in 0..EVENTS {
+        let hex = hex_digest(i + 1);
+        expected.insert((deployment_path("prod", &format!("w{i}")), sha(&hex)));
+        h.publish(&insert(&format!("w{i}:v1"), &hex)).await;
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || accepted_patches(&h.api).len() >= 3).await,
+        "{}",
+        h.daemon_log()
+    );
+    let started = Instant::now();
+    let status = h.terminate_daemon(Duration::from_secs(20));
+    let took = started.elapsed();
+    let accepted_at_exit = accepted_patches(&h.api).len();
+    eprintln!(
+        "shutdown: exited with {status:?} {:.2}s after SIGTERM (--shutdown-timeout 2s); \
+         {accepted_at_exit}/{EVENTS} restarted by then",
+        took.as_secs_f64()
+    );
+    let status = status.expect("daemon exits after SIGTERM");
+    assert!(status.success(), "exit status {status}\n{}", h.daemon_log());
+    assert!(
+        took <= SHUTDOWN_TIMEOUT + Duration::from_secs(3),
+        "took {took:?} to exit"
+    );
+    assert!(
+        h.daemon_log().contains("shutdown timeout reached"),
+        "the hanging PATCH must have outlived the drain\n{}",
+        h.daemon_log()
+    );
+    assert!(
+        accepted_at_exit < EVENTS,
+        "the burst must still have been in progress at SIGTERM"
+    );
+
+    h.start_daemon().await;
+    let done = wait_for_pairs(&h, &expected, REDELIVERY_WAIT).await;
+    assert!(
+        done,
+        "lost after SIGTERM: {:?}\n{}",
+        missing_pairs(&h.api, &expected),
+        h.daemon_log()
+    );
+}
+
+/// (h) Partial success: of three workloads, one fails twice with 503 and in-process retries
+/// are off (`--retry-budget 0s`), so the message is nacked twice; each redelivery PATCHes only
+/// the failed workload again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivery_after_partial_success_patches_only_what_failed() {
+    let mut h = Harness::new().await;
+    for name in ["a", "b", "c"] {
+        h.api.insert(deployment("prod", name, &[&gar("app:v1")]));
+    }
+    h.api.add_fault(
+        Fault::error(deployment_path("prod", "c"), 503)
+            .on_method("PATCH")
+            .times(2),
+    );
+    h.extra_args = vec!["--retry-budget".into(), "0s".into()];
+    h.start_daemon().await;
+    let published = Instant::now();
+    h.publish(&insert("app:v1", HEX_A)).await;
+
+    let c = deployment_path("prod", "c");
+    assert!(
+        wait_until(REDELIVERY_WAIT, || {
+            patches_to(&h.api, &c).iter().any(|p| p.status == 200)
+        })
+        .await,
+        "{}",
+        h.daemon_log()
+    );
+    eprintln!(
+        "partial success: c restarted on the third delivery {:.2}s after publishing",
+        published.elapsed().as_secs_f64()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            h.metric("gar_restarter_events_settled_total{outcome=\"ack\"}") == 1.0
+        })
+        .await
+    );
+    let statuses: Vec<u16> = patches_to(&h.api, &c).iter().map(|p| p.status).collect();
+    assert_eq!(statuses, vec![503, 503, 200]);
+    for name in ["a", "b"] {
+        assert_eq!(
+            patches_to(&h.api, &deployment_path("prod", name)).len(),
+            1,
+            "prod/{name} must not be PATCHed again on redelivery\n{}",
+            h.daemon_log()
+        );
+    }
+    assert_eq!(
+        h.metric("gar_restarter_events_settled_total{outcome=\"nack\"}"),
+        2.0
+    );
+    assert_eq!(dead_letter_total(&h.metrics()), 0.0);
+}
+
+/// (i) A workload that always answers 503, with `--max-attempts 2`: after the second
+/// delivery the message is dead-lettered as `exhausted` with the last error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn always_failing_workload_is_dead_lettered_as_exhausted() {
+    let mut h = Harness::new().await;
+    h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
+    h.api
+        .add_fault(Fault::error(deployment_path("prod", "api"), 503).on_method("PATCH"));
+    h.extra_args = vec![
+        "--max-attempts".into(),
+        "2".into(),
+        "--retry-budget".into(),
+        "300ms".into(),
+    ];
+    h.start_daemon().await;
+    let published = Instant::now();
+    let id = h.publish(&insert("app:v1", HEX_A)).await;
+
+    let letters = h.dead_letters(1, REDELIVERY_WAIT).await;
+    assert_eq!(letters.len(), 1, "{}", h.daemon_log());
+    eprintln!(
+        "exhausted: dead-lettered {:.2}s after publishing",
+        published.elapsed().as_secs_f64()
+    );
+    let dl = &letters[0];
+    assert_eq!(dl.attributes["dlq_kind"], "exhausted");
+    assert_eq!(dl.attributes["dlq_attempts"], "2");
+    assert_eq!(dl.attributes["dlq_original_message_id"], id);
+    let reason = &dl.attributes["dlq_reason"];
+    for needle in ["after 2 attempts", "Deployment prod/api", "503"] {
+        assert!(reason.contains(needle), "{reason:?} lacks {needle:?}");
+    }
+    assert_eq!(restart_annotations(&h.deployment("prod", "api")), (None, None));
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            h.metric("gar_restarter_dead_letters_total{kind=\"exhausted\"}") == 1.0
+        })
+        .await
+    );
+    assert_eq!(
+        h.metric("gar_restarter_events_settled_total{outcome=\"nack\"}"),
+        1.0
+    );
+}
+
+/// (j) Two daemons on one subscription: all 50 events are processed, each restart exactly
+/// once, and pstest's round-robin gives both replicas a share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_the_subscription_without_duplicates() {
+    const APPS: usize = 10;
+    const EVENTS: usize = 50;
+    let mut h = Harness::new().await;
+    for i in 0..APPS {
+        for ns in ["prod", "staging"] {
+            h.api.insert(deployment(
+                ns,
+                &format!("app{i}"),
+                &[&gar(&format!("app{i}:v1"))],
+            ));
+        }
+    }
+    h.start_daemon().await;
+    let second = h.spawn_extra_daemon("replica-2").await;
+
+    let mut expected = HashSet::new();
+    for n in 0..EVENTS {
+        let app = format!("app{}", n % APPS);
+        let hex = hex_digest(5000 + n);
+        for ns in ["prod", "staging"] {
+            expected.insert((deployment_path(ns, &app), sha(&hex)));
+        }
+        h.publish(&insert(&format!("{app}:v1"), &hex)).await;
+    }
+    let done = wait_for_pairs(&h, &expected, Duration::from_secs(30)).await;
+    assert!(
+        done,
+        "missing: {:?}\n{}",
+        missing_pairs(&h.api, &expected),
+        second.log()
+    );
+    let acked = |m: &str| metric_value(m, "gar_restarter_events_settled_total{outcome=\"ack\"}");
+    assert!(
+        wait_until(Duration::from_secs(5), || acked(&h.metrics())
+            + acked(&second.metrics())
+            >= EVENTS as f64)
+        .await
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let first_received = h.metric("gar_restarter_events_received_total{action=\"insert\"}");
+    let second_received = second.metric("gar_restarter_events_received_total{action=\"insert\"}");
+    eprintln!(
+        "two replicas: events received {first_received} + {second_received}; {} workload PATCHes",
+        workload_patches(&h.api).len()
+    );
+    assert_eq!(
+        workload_patches(&h.api).len(),
+        EVENTS * 2,
+        "each restart exactly once"
+    );
+    assert_eq!(first_received + second_received, EVENTS as f64);
+    assert!(
+        first_received > 0.0 && second_received > 0.0,
+        "both replicas should have processed some events: {first_received} / {second_received}"
+    );
+}

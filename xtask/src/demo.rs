@@ -1,0 +1,943 @@
+//! `cargo xtask demo`: the real daemon against the pstest emulator and an in-process fake
+//! Kubernetes API, fed a handful of sample GAR events; prints what happened and why.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use gar_testsupport::emulator::{self, Emulator};
+use gar_testsupport::fake_api::{self, FakeApi};
+use google_cloud_pubsub::client::{BasePublisher, Subscriber};
+use google_cloud_pubsub::model::Message;
+use serde_json::{Value, json};
+
+use crate::util::{self, Steps, cargo, secs};
+
+pub const HELP: &str = "\
+cargo xtask demo [--keep]
+
+Builds gar-restarter, starts the pstest emulator (or uses $PUBSUB_EMULATOR_HOST)
+and a fake Kubernetes API seeded with sample workloads, runs the daemon against
+both, publishes five sample GAR events and reports which workloads were
+restarted and why the others were not. Exits non-zero if the outcome differs
+from the expected one.
+
+With PUBSUB_EMULATOR_HOST set, that emulator must already have the topics
+projects/demo-project/topics/{gcr,gcr-dead-letter} and the subscriptions
+gcr-restarter (on gcr) and gcr-dead-letter-sub (on gcr-dead-letter); start one
+with `cargo xtask emulator --project demo-project`.
+
+Options:
+  --keep   keep the temporary directory (daemon log, kubeconfig) afterwards";
+
+const PROJECT: &str = "demo-project";
+const TOPIC: &str = "gcr";
+const SUB: &str = "gcr-restarter";
+const DLQ_TOPIC: &str = "gcr-dead-letter";
+const DLQ_SUB: &str = "gcr-dead-letter-sub";
+const REPO: &str = "us-west1-docker.pkg.dev/demo-project/apps/shop";
+const DIGEST_ANNOTATION: &str = "gar-restarter/digest";
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+const DLQ_TIMEOUT: Duration = Duration::from_secs(15);
+const STOP_TIMEOUT: Duration = Duration::from_secs(25);
+
+fn digest(seed: &str) -> String {
+    format!("sha256:{}", seed.repeat(64 / seed.len()))
+}
+
+fn shop_digest() -> String {
+    digest("5e1f")
+}
+fn nginx_digest() -> String {
+    digest("a11c")
+}
+fn digest_only_digest() -> String {
+    digest("d16e")
+}
+fn pinned_digest() -> String {
+    digest("0b5e")
+}
+
+/// A workload the fake cluster starts with, and what the demo expects for it.
+struct Seed {
+    kind: &'static str,
+    ns: &'static str,
+    name: &'static str,
+    image: String,
+    paused: bool,
+    /// `Some(digest)`: must be restarted by the push of that digest. `None`: must not be.
+    restart: Option<String>,
+    /// Why it is (not) restarted.
+    why: &'static str,
+}
+
+impl Seed {
+    fn plural(&self) -> &'static str {
+        match self.kind {
+            "StatefulSet" => "statefulsets",
+            "DaemonSet" => "daemonsets",
+            _ => "deployments",
+        }
+    }
+
+    fn path(&self) -> String {
+        format!(
+            "/apis/apps/v1/namespaces/{}/{}/{}",
+            self.ns,
+            self.plural(),
+            self.name
+        )
+    }
+
+    fn object(&self) -> Value {
+        let images = [self.image.as_str()];
+        let mut obj = match self.kind {
+            "StatefulSet" => fake_api::statefulset(self.ns, self.name, &images),
+            "DaemonSet" => fake_api::daemonset(self.ns, self.name, &images),
+            _ => fake_api::deployment(self.ns, self.name, &images),
+        };
+        if self.paused {
+            obj["spec"]["paused"] = json!(true);
+        }
+        obj
+    }
+
+    fn id(&self) -> String {
+        format!("{} {}/{}", self.kind, self.ns, self.name)
+    }
+}
+
+fn seeds() -> Vec<Seed> {
+    let seed = |kind, ns, name, image: String, restart: Option<String>, why| Seed {
+        kind,
+        ns,
+        name,
+        image,
+        paused: false,
+        restart,
+        why,
+    };
+    vec![
+        seed(
+            "Deployment",
+            "shop",
+            "frontend",
+            format!("{REPO}:v2"),
+            Some(shop_digest()),
+            "runs shop:v2, which was pushed",
+        ),
+        seed(
+            "Deployment",
+            "shop",
+            "checkout",
+            format!("{REPO}:v2"),
+            Some(shop_digest()),
+            "runs shop:v2, which was pushed",
+        ),
+        Seed {
+            paused: true,
+            ..seed(
+                "Deployment",
+                "shop",
+                "canary",
+                format!("{REPO}:v2"),
+                None,
+                "runs shop:v2 but is paused (kubectl rollout restart refuses paused Deployments too)",
+            )
+        },
+        seed(
+            "Deployment",
+            "staging",
+            "frontend",
+            format!("{REPO}:v1"),
+            None,
+            "runs shop:v1, another tag (and the DELETE of shop:v1 restarts nothing)",
+        ),
+        seed(
+            "Deployment",
+            "prod",
+            "pinned",
+            format!("{REPO}@{}", pinned_digest()),
+            None,
+            "pinned by digest: a tag push cannot change what it runs",
+        ),
+        seed(
+            "Deployment",
+            "web",
+            "nginx",
+            "nginx".to_owned(),
+            Some(nginx_digest()),
+            "runs `nginx`, the same image as docker.io/library/nginx:latest",
+        ),
+        seed(
+            "StatefulSet",
+            "data",
+            "cache",
+            "redis:7".to_owned(),
+            None,
+            "runs redis:7, which nobody pushed",
+        ),
+    ]
+}
+
+/// A sample event and how the demo expects it to settle.
+struct Sample {
+    what: &'static str,
+    data: String,
+    /// `true`: must be dead-lettered; `false`: must be acked.
+    dead_letter: bool,
+    /// The `gar_restarter_events_received_total` action it must be counted under.
+    action: &'static str,
+    /// What should happen, for the report.
+    expect: &'static str,
+}
+
+fn samples() -> Vec<Sample> {
+    vec![
+        Sample {
+            what: "INSERT shop:v2 (with digest)",
+            data: json!({
+                "action": "INSERT",
+                "digest": format!("{REPO}@{}", shop_digest()),
+                "tag": format!("{REPO}:v2"),
+            })
+            .to_string(),
+            dead_letter: false,
+            action: "insert",
+            expect: "restarts the Deployments running shop:v2",
+        },
+        Sample {
+            what: "INSERT docker.io/library/nginx:latest",
+            data: json!({
+                "action": "INSERT",
+                "digest": format!("docker.io/library/nginx@{}", nginx_digest()),
+                "tag": "docker.io/library/nginx:latest",
+            })
+            .to_string(),
+            dead_letter: false,
+            action: "insert",
+            expect: "restarts web/nginx (`nginx` is docker.io/library/nginx:latest)",
+        },
+        Sample {
+            what: "INSERT shop@sha256:… (digest only)",
+            data: json!({
+                "action": "INSERT",
+                "digest": format!("{REPO}@{}", digest_only_digest()),
+            })
+            .to_string(),
+            dead_letter: false,
+            action: "insert_digest_only",
+            expect: "acked, restarts nothing: no tag moved, so nothing running can change",
+        },
+        Sample {
+            what: "DELETE shop:v1",
+            data: json!({ "action": "DELETE", "tag": format!("{REPO}:v1") }).to_string(),
+            dead_letter: false,
+            action: "delete",
+            expect: "acked, restarts nothing: a deletion never restarts (staging/frontend stays)",
+        },
+        Sample {
+            what: "\"not json\" (malformed)",
+            data: "not json".to_owned(),
+            dead_letter: true,
+            action: "malformed",
+            expect: "dead-lettered as malformed, then acked",
+        },
+    ]
+}
+
+#[derive(Debug, PartialEq)]
+struct Options {
+    keep: bool,
+}
+
+fn parse(args: &[String]) -> Result<Option<Options>> {
+    let mut opts = Options { keep: false };
+    for arg in args {
+        match arg.as_str() {
+            "--keep" => opts.keep = true,
+            "-h" | "--help" => return Ok(None),
+            other => bail!("unknown argument {other:?} for `demo`\n\n{HELP}"),
+        }
+    }
+    Ok(Some(opts))
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let Some(opts) = parse(args)? else {
+        println!("{HELP}");
+        return Ok(());
+    };
+    let external = std::env::var("PUBSUB_EMULATOR_HOST")
+        .ok()
+        .filter(|h| !h.is_empty());
+    let mut steps = Steps::new(3);
+    let daemon = steps.run("cargo build -p gar-restarter", build_daemon)?;
+    match &external {
+        Some(host) => steps.skip(
+            "build the pstest emulator",
+            &format!("using PUBSUB_EMULATOR_HOST={host}"),
+        ),
+        None => steps.run("build the pstest emulator", || {
+            Ok(emulator::build_pstest()?).map(|_| ())
+        })?,
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = steps.run("demo", || {
+        runtime.block_on(scenario(&daemon, external, &opts))
+    });
+    steps.summary();
+    result
+}
+
+/// Builds the daemon and returns the path of its binary.
+fn build_daemon() -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "-p",
+        "gar-restarter",
+        "--bin",
+        "gar-restarter",
+        "--message-format=json-render-diagnostics",
+    ])
+    .stdout(Stdio::piped());
+    eprintln!("$ {}", util::show(&cmd));
+    let out = cmd.output().context("cannot run cargo build")?;
+    if !out.status.success() {
+        bail!("cargo build -p gar-restarter failed ({})", out.status);
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "gar-restarter")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .ok_or_else(|| anyhow!("cargo build reported no gar-restarter executable"))
+}
+
+/// Everything the scenario started; dropping it stops the daemon, emulator and fake API.
+struct Running {
+    emulator: Option<Emulator>,
+    pubsub_host: String,
+    api: FakeApi,
+    dir: tempfile::TempDir,
+    daemon: Option<Child>,
+    metrics_addr: SocketAddr,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.api.stop();
+        self.emulator.take();
+    }
+}
+
+impl Running {
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.pubsub_host)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("daemon.log")
+    }
+
+    fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn metrics(&self) -> String {
+        http_get(self.metrics_addr, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+
+    fn daemon_exited(&mut self) -> Option<ExitStatus> {
+        self.daemon
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.daemon_exited() {
+                bail!("the daemon exited during start-up ({status})");
+            }
+            if let Some((200, _)) = http_get(self.metrics_addr, "/readyz") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the daemon was not ready within {READY_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, then wait; `None` if it had to be killed.
+    fn terminate(&mut self) -> Option<ExitStatus> {
+        let mut child = self.daemon.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+async fn scenario(daemon_bin: &Path, external: Option<String>, opts: &Options) -> Result<()> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let started = Instant::now();
+
+    let (emulator, pubsub_host) = match external {
+        Some(host) => {
+            println!(
+                "using the Pub/Sub emulator at PUBSUB_EMULATOR_HOST={host}; it must have \
+                 projects/{PROJECT}/topics/{{{TOPIC},{DLQ_TOPIC}}} and the subscriptions \
+                 {SUB} (on {TOPIC}) and {DLQ_SUB} (on {DLQ_TOPIC}), e.g. from \
+                 `cargo xtask emulator --project {PROJECT}`"
+            );
+            (None, host)
+        }
+        None => {
+            let emu = Emulator::start(
+                PROJECT,
+                &[TOPIC, DLQ_TOPIC],
+                &[(SUB, TOPIC), (DLQ_SUB, DLQ_TOPIC)],
+            )
+            .await
+            .context("starting the pstest emulator")?;
+            let host = emu.host();
+            (Some(emu), host)
+        }
+    };
+    let api = FakeApi::start()
+        .await
+        .context("starting the fake Kubernetes API")?;
+    let seeds = seeds();
+    for seed in &seeds {
+        api.insert(seed.object());
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("gar-restarter-demo.")
+        .tempdir()
+        .context("creating a temporary directory")?;
+    api.write_kubeconfig(&dir.path().join("kubeconfig"))
+        .context("writing the kubeconfig")?;
+    let mut env = Running {
+        emulator,
+        pubsub_host,
+        api,
+        dir,
+        daemon: None,
+        metrics_addr: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+    };
+    if opts.keep {
+        env.dir.disable_cleanup(true);
+    }
+
+    println!(
+        "\nPub/Sub emulator: {}   fake Kubernetes API: {}",
+        env.pubsub_host,
+        env.api.url()
+    );
+    println!("cluster:");
+    for seed in &seeds {
+        let paused = if seed.paused { "  (paused)" } else { "" };
+        println!("  {:<30} {}{paused}", seed.id(), seed.image);
+    }
+
+    let result = drive(daemon_bin, &mut env, &seeds, started).await;
+    if result.is_err() {
+        let log = env.daemon_log();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        eprintln!("\n--- daemon log (last {} lines) ---", tail.len());
+        for line in tail.iter().rev() {
+            eprintln!("{line}");
+        }
+        if env.daemon_exited().is_some() || env.daemon.is_none() {
+            eprintln!(
+                "hint: with PUBSUB_EMULATOR_HOST set, the topics and subscriptions must exist \
+                 (cargo xtask emulator --project {PROJECT})"
+            );
+        }
+        env.dir.disable_cleanup(true);
+        eprintln!("kept {} for inspection", env.dir.path().display());
+    } else if opts.keep {
+        println!("kept {} (daemon.log, kubeconfig)", env.dir.path().display());
+    }
+    result
+}
+
+async fn drive(
+    daemon_bin: &Path,
+    env: &mut Running,
+    seeds: &[Seed],
+    started: Instant,
+) -> Result<()> {
+    let mut cmd = daemon_command(daemon_bin, env)?;
+    println!("\n$ {}", util::show(&cmd));
+    env.daemon = Some(cmd.spawn().context("cannot start gar-restarter")?);
+    env.wait_ready().await?;
+    println!(
+        "daemon ready after {} (log: {})",
+        secs(started.elapsed()),
+        env.log_path().display()
+    );
+
+    // Publish.
+    let publisher = BasePublisher::builder()
+        .with_endpoint(env.endpoint())
+        .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build())
+        .build()
+        .await
+        .context("creating the Pub/Sub publisher")?
+        .publisher(format!("projects/{PROJECT}/topics/{TOPIC}"))
+        .build();
+    let samples = samples();
+    let mut ids = Vec::new();
+    println!("\npublished to projects/{PROJECT}/topics/{TOPIC}:");
+    let published = Instant::now();
+    for sample in &samples {
+        let msg = Message::new().set_data(bytes::Bytes::from(sample.data.clone()));
+        let id = publisher
+            .publish(msg)
+            .await
+            .with_context(|| format!("publishing {}", sample.what))?;
+        println!("  {id:<6} {}", sample.what);
+        ids.push(id);
+    }
+
+    // Settle.
+    let settled = loop {
+        let metrics = env.metrics();
+        let settled = samples_by_label(&metrics, "gar_restarter_events_settled_total", "outcome");
+        let done: f64 = ["ack", "dead_letter"]
+            .iter()
+            .filter_map(|o| settled.get(*o))
+            .sum();
+        if done >= samples.len() as f64 {
+            break settled;
+        }
+        if let Some(status) = env.daemon_exited() {
+            bail!("the daemon exited while processing ({status})");
+        }
+        if published.elapsed() > SETTLE_TIMEOUT {
+            bail!(
+                "only {done} of {} messages settled within {SETTLE_TIMEOUT:?}: {settled:?}",
+                samples.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let settle_time = published.elapsed();
+    let metrics = env.metrics();
+    let received = samples_by_label(&metrics, "gar_restarter_events_received_total", "action");
+
+    // Dead letters.
+    let malformed_ids: Vec<&String> = samples
+        .iter()
+        .zip(&ids)
+        .filter(|(s, _)| s.dead_letter)
+        .map(|(_, id)| id)
+        .collect();
+    let letters = pull_dead_letters(&env.endpoint(), &malformed_ids).await?;
+
+    // Stop the daemon before reading the final state.
+    let status = env.terminate();
+
+    let mut failures = Vec::new();
+    let requests = env.api.patches();
+    let patched = |seed: &Seed| -> Vec<Value> {
+        requests
+            .iter()
+            .filter(|r| r.path == seed.path() && (200..300).contains(&r.status))
+            .filter_map(|r| r.body.clone())
+            .collect()
+    };
+
+    println!(
+        "\nall {} messages settled {} after publishing: {}",
+        samples.len(),
+        secs(settle_time),
+        fmt_counts(&settled)
+    );
+    println!("received by action: {}", fmt_counts(&received));
+
+    println!(
+        "\nrestarted (PATCH of spec.template.metadata.annotations, like kubectl rollout restart):"
+    );
+    for seed in seeds.iter().filter(|s| s.restart.is_some()) {
+        let want = seed.restart.as_deref().unwrap_or_default();
+        let obj = env
+            .api
+            .get(seed.plural(), seed.ns, seed.name)
+            .unwrap_or(Value::Null);
+        let (at, got) = annotations(&obj);
+        let patches = patched(seed);
+        let mark = if at.is_some() && got.as_deref() == Some(want) && !patches.is_empty() {
+            "ok  "
+        } else {
+            failures.push(format!(
+                "{} was not restarted by the push of {want} (PATCHes: {}, restartedAt {at:?}, \
+                 digest {got:?})",
+                seed.id(),
+                patches.len()
+            ));
+            "FAIL"
+        };
+        println!(
+            "  {mark} {:<28} restartedAt={} {DIGEST_ANNOTATION}={} ({} PATCH{})",
+            seed.id(),
+            at.as_deref().unwrap_or("-"),
+            got.as_deref().map(short_digest).unwrap_or("-".into()),
+            patches.len(),
+            if patches.len() == 1 { "" } else { "es" }
+        );
+        println!("       why: {}", seed.why);
+    }
+
+    println!("\nnot restarted:");
+    for seed in seeds.iter().filter(|s| s.restart.is_none()) {
+        let obj = env
+            .api
+            .get(seed.plural(), seed.ns, seed.name)
+            .unwrap_or(Value::Null);
+        let (at, _) = annotations(&obj);
+        let patches = patched(seed);
+        let mark = if at.is_none() && patches.is_empty() {
+            "ok  "
+        } else {
+            failures.push(format!(
+                "{} must not be restarted ({}), but was: {} PATCHes, restartedAt {at:?}",
+                seed.id(),
+                seed.why,
+                patches.len()
+            ));
+            "FAIL"
+        };
+        println!("  {mark} {:<28} {}", seed.id(), seed.why);
+    }
+    let known: Vec<String> = seeds.iter().map(Seed::path).collect();
+    for r in requests
+        .iter()
+        .filter(|r| r.path.starts_with("/apis/apps/") && !known.contains(&r.path))
+    {
+        failures.push(format!("unexpected PATCH {} ({})", r.path, r.status));
+    }
+
+    println!("\nevents:");
+    for (sample, id) in samples.iter().zip(&ids) {
+        let counted = received.get(sample.action).copied().unwrap_or(0.0);
+        let want = samples.iter().filter(|s| s.action == sample.action).count() as f64;
+        let mut mark = "ok  ";
+        if counted != want {
+            failures.push(format!(
+                "{}: expected {want} received with action={:?}, metrics say {counted}",
+                sample.what, sample.action
+            ));
+            mark = "FAIL";
+        }
+        let mut outcome = sample.expect.to_owned();
+        if sample.dead_letter {
+            match letters.get(id.as_str()) {
+                Some(dl)
+                    if dl.attributes.get("dlq_kind").map(String::as_str) == Some("malformed") =>
+                {
+                    outcome = format!(
+                        "dead-lettered: dlq_kind=malformed dlq_reason={:?}",
+                        dl.attributes
+                            .get("dlq_reason")
+                            .map(String::as_str)
+                            .unwrap_or("")
+                    );
+                }
+                Some(dl) => {
+                    mark = "FAIL";
+                    failures.push(format!(
+                        "{}: dead-lettered with unexpected attributes {:?}",
+                        sample.what, dl.attributes
+                    ));
+                }
+                None => {
+                    mark = "FAIL";
+                    failures.push(format!(
+                        "{}: not found on {DLQ_SUB} within {DLQ_TIMEOUT:?}",
+                        sample.what
+                    ));
+                }
+            }
+        }
+        println!("  {mark} {id:<6} {:<38} {outcome}", sample.what);
+    }
+    let dead_lettered = settled.get("dead_letter").copied().unwrap_or(0.0);
+    let want_dead = samples.iter().filter(|s| s.dead_letter).count() as f64;
+    if dead_lettered != want_dead {
+        failures.push(format!(
+            "{dead_lettered} messages dead-lettered, expected {want_dead}: {settled:?}"
+        ));
+    }
+    let other_letters: Vec<_> = letters
+        .keys()
+        .filter(|id| !malformed_ids.iter().any(|m| m == id))
+        .collect();
+    if !other_letters.is_empty() {
+        println!(
+            "(also drained {} older dead letters: {other_letters:?})",
+            other_letters.len()
+        );
+    }
+
+    match status {
+        Some(s) if s.success() => println!("\ndaemon stopped on SIGTERM ({s})"),
+        Some(s) => failures.push(format!("the daemon exited with {s} after SIGTERM")),
+        None => failures.push(format!(
+            "the daemon did not exit within {STOP_TIMEOUT:?} of SIGTERM (killed)"
+        )),
+    }
+
+    if failures.is_empty() {
+        println!(
+            "demo OK: the outcome is the expected one ({} in total)",
+            secs(started.elapsed())
+        );
+        Ok(())
+    } else {
+        println!("\ndemo FAILED:");
+        for f in &failures {
+            println!("  - {f}");
+        }
+        bail!("{} unexpected outcome(s)", failures.len())
+    }
+}
+
+/// `gar-restarter run` against the emulator and the fake API, logging to `daemon.log`.
+fn daemon_command(bin: &Path, env: &Running) -> Result<Command> {
+    let dir = env.dir.path();
+    let log = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("daemon.log"))
+            .context("opening daemon.log")
+    };
+    let mut cmd = Command::new(bin);
+    cmd.arg("run")
+        .arg("--subscription")
+        .arg(format!("projects/{PROJECT}/subscriptions/{SUB}"))
+        .arg("--dead-letter-topic")
+        .arg(format!("projects/{PROJECT}/topics/{DLQ_TOPIC}"))
+        .arg("--metrics-addr")
+        .arg(env.metrics_addr.to_string())
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .arg("--cache-configmap")
+        .arg("gar-restarter/gar-restarter-cache")
+        .arg("--log-format")
+        .arg("text")
+        .env("PUBSUB_EMULATOR_HOST", &env.pubsub_host)
+        .env("KUBECONFIG", dir.join("kubeconfig"))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log()?))
+        .stderr(Stdio::from(log()?));
+    // The user's own GAR_RESTARTER_* settings (e.g. DRY_RUN) must not change the demo.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("GAR_RESTARTER_") {
+            cmd.env_remove(key);
+        }
+    }
+    Ok(cmd)
+}
+
+/// Pulls the dead-letter subscription (acking everything) until all of `want` (original
+/// message ids) arrived or [`DLQ_TIMEOUT`] passed; keyed by `dlq_original_message_id`.
+async fn pull_dead_letters(endpoint: &str, want: &[&String]) -> Result<HashMap<String, Message>> {
+    let subscriber = Subscriber::builder()
+        .with_endpoint(endpoint.to_owned())
+        .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build())
+        .build()
+        .await
+        .context("creating the Pub/Sub subscriber")?;
+    let mut stream = subscriber
+        .subscribe(format!("projects/{PROJECT}/subscriptions/{DLQ_SUB}"))
+        .build();
+    let token = stream.shutdown_token();
+    let mut out = HashMap::new();
+    let deadline = tokio::time::Instant::now() + DLQ_TIMEOUT;
+    while !want.iter().all(|id| out.contains_key(id.as_str())) {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(Ok((msg, handler)))) => {
+                handler.ack();
+                let key = msg
+                    .attributes
+                    .get("dlq_original_message_id")
+                    .cloned()
+                    .unwrap_or_else(|| format!("?{}", msg.message_id));
+                out.insert(key, msg);
+            }
+            Ok(Some(Err(_))) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), token.shutdown()).await;
+    Ok(out)
+}
+
+/// `restartedAt` and `gar-restarter/digest` of a workload's pod template.
+fn annotations(obj: &Value) -> (Option<String>, Option<String>) {
+    let a = &obj["spec"]["template"]["metadata"]["annotations"];
+    let get = |k: &str| a[k].as_str().map(str::to_owned);
+    (
+        get(fake_api::RESTARTED_AT_ANNOTATION),
+        get(DIGEST_ANNOTATION),
+    )
+}
+
+fn short_digest(d: &str) -> String {
+    match d.strip_prefix("sha256:") {
+        Some(hex) if hex.len() > 12 => format!("sha256:{}…", &hex[..12]),
+        _ => d.to_owned(),
+    }
+}
+
+/// The samples of a counter family by the value of one label, e.g. `{"ack": 4.0}` for
+/// `gar_restarter_events_settled_total{outcome="ack"} 4`.
+fn samples_by_label(text: &str, metric: &str, label: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let needle = format!("{label}=\"");
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(metric).and_then(|r| r.strip_prefix('{')) else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once('}') else {
+            continue;
+        };
+        let Some(name) = labels
+            .split_once(needle.as_str())
+            .and_then(|(_, v)| v.split_once('"'))
+            .map(|(v, _)| v.to_owned())
+        else {
+            continue;
+        };
+        if let Some(v) = value
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            *out.entry(name).or_insert(0.0) += v;
+        }
+    }
+    out
+}
+
+fn fmt_counts(counts: &BTreeMap<String, f64>) -> String {
+    if counts.is_empty() {
+        return "(none)".to_owned();
+    }
+    counts
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("finding a free port")?
+        .port())
+}
+
+/// Minimal HTTP/1.1 GET; returns (status, body).
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    stream.read_to_string(&mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_counter_samples() {
+        let text = "# TYPE gar_restarter_events_settled counter\n\
+                    gar_restarter_events_settled_total{outcome=\"ack\"} 4\n\
+                    gar_restarter_events_settled_total{outcome=\"dead_letter\"} 1 # {a=\"b\"} 1\n\
+                    gar_restarter_events_settled_total_other{outcome=\"x\"} 9\n\
+                    gar_restarter_events_received_total{action=\"insert\"} 2\n";
+        let m = samples_by_label(text, "gar_restarter_events_settled_total", "outcome");
+        assert_eq!(m.len(), 2);
+        assert_eq!(m["ack"], 4.0);
+        assert_eq!(m["dead_letter"], 1.0);
+        assert_eq!(fmt_counts(&m), "ack=4 dead_letter=1");
+    }
+
+    #[test]
+    fn sample_data_is_consistent() {
+        for d in [
+            shop_digest(),
+            nginx_digest(),
+            digest_only_digest(),
+            pinned_digest(),
+        ] {
+            let hex = d.strip_prefix("sha256:").unwrap();
+            assert_eq!(hex.len(), 64);
+            assert!(hex.bytes().all(|b| b.is_ascii_hexdigit()));
+        }
+        let seeds = seeds();
+        assert_eq!(seeds.iter().filter(|s| s.restart.is_some()).count(), 3);
+        assert!(
+            seeds
+                .iter()
+                .any(|s| s.paused && s.object()["spec"]["paused"] == true)
+        );
+        assert_eq!(samples().len(), 5);
+        assert_eq!(short_digest(&shop_digest()), "sha256:5e1f5e1f5e1f…");
+    }
+
+    #[test]
+    fn parses_options() {
+        assert_eq!(parse(&[]).unwrap(), Some(Options { keep: false }));
+        assert_eq!(
+            parse(&["--keep".to_owned()]).unwrap(),
+            Some(Options { keep: true })
+        );
+        assert!(parse(&["x".to_owned()]).is_err());
+    }
+}
