@@ -316,14 +316,20 @@ mod tests {
         let mut ok = layer.layer(Fixed(Some(200)));
         let mut denied = layer.layer(Fixed(Some(403)));
         let mut down = layer.layer(Fixed(None));
-        ok.call(req(Method::PATCH, "/apis/apps/v1/namespaces/a/deployments/b"))
-            .await
-            .unwrap();
+        ok.call(req(
+            Method::PATCH,
+            "/apis/apps/v1/namespaces/a/deployments/b",
+        ))
+        .await
+        .unwrap();
         ok.call(req(Method::GET, "/apis/apps/v1/deployments?limit=500"))
             .await
             .unwrap();
         denied
-            .call(req(Method::PATCH, "/apis/apps/v1/namespaces/a/deployments/b"))
+            .call(req(
+                Method::PATCH,
+                "/apis/apps/v1/namespaces/a/deployments/b",
+            ))
             .await
             .unwrap();
         assert!(

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::{self, ClusterError};
 use crate::cache::{CacheChain, ChainConfig, ChainError};
+use crate::cluster::{self, ClusterError};
 use crate::config::{RunArgs, ScopeArgs};
 use crate::index::Scope;
 use crate::metrics::Metrics;

@@ -1,13 +1,16 @@
 //! Small bounded, time-limited maps: which (workload, digest) pairs were already restarted,
-//! and how often a message id has been delivered when Pub/Sub does not tell us.
+//! and how often a message id has been delivered when Pub/Sub does not tell us; plus
+//! [`InFlight`], which keeps two copies of the same work from running at the same time.
 //!
 //! Bounded by count as well as time so a flood of distinct ids cannot grow memory without
 //! limit; the oldest entries go first.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 pub struct BoundedTtlMap<K, V> {
     ttl: Duration,
@@ -110,10 +113,87 @@ impl<K: Eq + Hash + Clone, V: Clone> BoundedTtlMap<K, V> {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner<K, V>> {
-        // A panic while holding this lock cannot leave the map inconsistent in a way that
-        // matters (worst case: one entry too many), so recover rather than propagate.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner)
     }
+}
+
+/// Keys being worked on right now.
+///
+/// A "done" map alone is check-then-act: duplicates of one event delivered a few
+/// milliseconds apart (a publisher retry, a redelivery racing a slow ack) all find the key
+/// absent and all restart the workload. [`InFlight::claim`] makes the check atomic: a second
+/// claimant waits until the first one's [`Claim`] is dropped, then looks at the done map,
+/// which by then says whether the first one succeeded.
+///
+/// Entries exist only while claimed, so the map is bounded by the work in flight.
+pub struct InFlight<K> {
+    claims: Mutex<HashMap<K, Arc<Notify>>>,
+}
+
+/// Held while working on a key; dropping it (also by cancellation) wakes the waiters.
+pub struct Claim<'a, K: Eq + Hash> {
+    owner: &'a InFlight<K>,
+    key: K,
+}
+
+impl<K: Eq + Hash + Clone> Default for InFlight<K> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<K: Eq + Hash + Clone> InFlight<K> {
+    pub fn new() -> Self {
+        Self {
+            claims: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits until nobody else holds `key`, then holds it.
+    pub async fn claim(&self, key: K) -> Claim<'_, K> {
+        loop {
+            let released = {
+                let mut claims = lock(&self.claims);
+                match claims.get(&key) {
+                    None => {
+                        claims.insert(key.clone(), Arc::new(Notify::new()));
+                        return Claim { owner: self, key };
+                    }
+                    Some(notify) => {
+                        // Registered while the map is locked, so the holder's release
+                        // (which also locks the map) cannot slip in between and be missed.
+                        let mut released = Box::pin(notify.clone().notified_owned());
+                        released.as_mut().enable();
+                        released
+                    }
+                }
+            };
+            released.await;
+        }
+    }
+
+    /// Number of keys claimed now.
+    pub fn len(&self) -> usize {
+        lock(&self.claims).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<K: Eq + Hash> Drop for Claim<'_, K> {
+    fn drop(&mut self) {
+        if let Some(notify) = lock(&self.owner.claims).remove(&self.key) {
+            notify.notify_waiters();
+        }
+    }
+}
+
+/// A panic while holding one of these locks cannot leave the data inconsistent in a way that
+/// matters, so recover rather than propagate.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
@@ -143,5 +223,40 @@ mod tests {
         }
         m.remove(&"id");
         assert_eq!(m.update("id", |c| c.unwrap_or(0) + 1), 1);
+    }
+
+    #[tokio::test]
+    async fn claims_serialise_the_same_key_only() {
+        let inflight = Arc::new(InFlight::new());
+        let first = inflight.claim("k").await;
+        // Another key is independent.
+        drop(inflight.claim("other").await);
+
+        let waiter = {
+            let inflight = inflight.clone();
+            tokio::spawn(async move {
+                let _claim = inflight.claim("k").await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "second claim waits for the first");
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("released claim wakes the waiter")
+            .expect("waiter task");
+        assert!(inflight.is_empty());
+    }
+
+    #[tokio::test]
+    async fn cancelled_waiter_leaves_nothing_behind() {
+        let inflight = InFlight::new();
+        let first = inflight.claim(1u32).await;
+        let waited = tokio::time::timeout(Duration::from_millis(20), inflight.claim(1)).await;
+        assert!(waited.is_err());
+        drop(first);
+        assert!(inflight.is_empty());
+        drop(inflight.claim(1).await);
+        assert!(inflight.is_empty());
     }
 }

@@ -43,7 +43,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check(args) => check_command(args).await,
-        Command::Cache { command: CacheCommand::Rebuild(args) } => {
+        Command::Cache {
+            command: CacheCommand::Rebuild(args),
+        } => {
             let report = check::cache_rebuild(&args).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(ExitCode::SUCCESS)

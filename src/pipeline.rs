@@ -11,7 +11,7 @@ use futures::future::join_all;
 use tracing::{Instrument, field};
 
 use crate::deadletter::DeadLetterKind;
-use crate::dedupe::BoundedTtlMap;
+use crate::dedupe::{BoundedTtlMap, InFlight};
 use crate::event::{self, Event};
 use crate::lookup::Lookup;
 use crate::metrics::Metrics;
@@ -56,13 +56,34 @@ pub struct Pipeline<L> {
     /// (workload, digest or message id) pairs already restarted: duplicates and partial
     /// retries skip them.
     done: BoundedTtlMap<(WorkloadRef, String), ()>,
-    /// Deliveries per message id, for subscriptions without a dead-letter policy.
+    /// The same pairs while their restart is running: a duplicate waits for the outcome
+    /// instead of restarting the workload a second time.
+    inflight: InFlight<(WorkloadRef, String)>,
+    /// Deliveries per message (see [`delivery_key`]), for subscriptions without a dead-letter
+    /// policy.
     attempts: BoundedTtlMap<String, u32>,
     max_attempts: u32,
 }
 
 /// Entries kept in each dedupe map; ~200 bytes each, so a few tens of MB at worst.
 const DEDUPE_CAPACITY: usize = 100_000;
+
+/// Identifies one published message across its redeliveries: the message id plus the
+/// publish time the service stamped on it.
+///
+/// The id alone is not enough: an emulator (and a re-created topic) hands out `m0, m1, …`
+/// again after a restart, and a new message that reused an id would inherit the old one's
+/// attempt count or, for a tag-only event, be skipped as a "duplicate" of it. A redelivery
+/// carries the same publish time, so it still maps to the same key.
+pub fn delivery_key(msg: &Inbound) -> String {
+    let published = msg
+        .publish_time
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
+    match published {
+        Some(at) => format!("{}@{}.{:09}", msg.id, at.as_secs(), at.subsec_nanos()),
+        None => msg.id.clone(),
+    }
+}
 
 impl<L: Lookup> Pipeline<L> {
     pub fn new(
@@ -76,6 +97,7 @@ impl<L: Lookup> Pipeline<L> {
             restarter,
             metrics,
             done: BoundedTtlMap::new(config.dedupe_window, DEDUPE_CAPACITY),
+            inflight: InFlight::new(),
             // Long enough to outlive any redelivery cycle of a failing message.
             attempts: BoundedTtlMap::new(Duration::from_secs(6 * 3600), DEDUPE_CAPACITY),
             max_attempts: config.max_attempts,
@@ -86,7 +108,9 @@ impl<L: Lookup> Pipeline<L> {
     pub fn attempt(&self, msg: &Inbound) -> u32 {
         match msg.delivery_attempt {
             Some(n) if n > 0 => n as u32,
-            _ => self.attempts.update(msg.id.clone(), |c| c.unwrap_or(0) + 1),
+            _ => self
+                .attempts
+                .update(delivery_key(msg), |c| c.unwrap_or(0) + 1),
         }
     }
 
@@ -94,7 +118,7 @@ impl<L: Lookup> Pipeline<L> {
     pub async fn process(&self, msg: &Inbound, attempt: u32) -> Settlement {
         let settlement = self.process_inner(msg, attempt).await;
         if !matches!(settlement, Settlement::Nack { .. }) {
-            self.attempts.remove(&msg.id);
+            self.attempts.remove(&delivery_key(msg));
         }
         settlement
     }
@@ -167,7 +191,7 @@ impl<L: Lookup> Pipeline<L> {
         // Without a digest, a redelivery of the same message is the only duplicate we can see.
         let dedupe_key = digest
             .clone()
-            .unwrap_or_else(|| format!("message:{}", msg.id));
+            .unwrap_or_else(|| format!("message:{}", delivery_key(msg)));
         let tag = &tag;
         let jobs = hits.workloads.iter().map(|w| {
             let key = (w.clone(), dedupe_key.clone());
@@ -180,6 +204,9 @@ impl<L: Lookup> Pipeline<L> {
                 result = field::Empty,
             );
             async move {
+                // Held until this restart's outcome is recorded, so that a copy of the event
+                // being processed concurrently sees it in `done`.
+                let _claim = self.inflight.claim(key.clone()).await;
                 if self.done.contains(&key) {
                     tracing::Span::current().record("result", "duplicate");
                     tracing::info!(workload = %w, "already restarted for this digest; skipping duplicate");
@@ -272,5 +299,37 @@ impl<L: Lookup> Pipeline<L> {
             .events_received
             .get_or_create(&ActionLabels { action })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(id: &str, published_secs: Option<u64>) -> Inbound {
+        Inbound {
+            id: id.to_string(),
+            data: Bytes::new(),
+            attributes: HashMap::new(),
+            publish_time: published_secs.map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s)),
+            delivery_attempt: None,
+        }
+    }
+
+    #[test]
+    fn delivery_key_tells_reused_ids_apart() {
+        assert_eq!(
+            delivery_key(&msg("m0", Some(7))),
+            delivery_key(&msg("m0", Some(7)))
+        );
+        assert_ne!(
+            delivery_key(&msg("m0", Some(7))),
+            delivery_key(&msg("m0", Some(8)))
+        );
+        assert_ne!(
+            delivery_key(&msg("m0", Some(7))),
+            delivery_key(&msg("m1", Some(7)))
+        );
+        assert_eq!(delivery_key(&msg("m0", None)), "m0");
     }
 }

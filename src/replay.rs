@@ -4,6 +4,11 @@
 //! and is acked only after that publish succeeded. Messages filtered out by `--kind`, or seen
 //! in `--dry-run`, are held until the end and then released (nacked), so one run never sees
 //! the same message twice.
+//!
+//! A replayed message that fails again is dead-lettered again, with `dlq_original_message_id`
+//! naming the id this run published it under. Such a message is held too, not replayed: a
+//! message that can never succeed (a malformed one, say) would otherwise go round the loop
+//! until the run is killed, since the idle timeout never fires.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -12,7 +17,7 @@ use google_cloud_pubsub::model::Message;
 use google_cloud_pubsub::subscriber::ShutdownBehavior;
 
 use crate::config::ReplayArgs;
-use crate::deadletter::{ATTR_KIND, ATTR_REASON, original_attributes};
+use crate::deadletter::{ATTR_KIND, ATTR_ORIGINAL_ID, ATTR_REASON, original_attributes};
 use crate::pubsub::{self, PubSubError};
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -49,12 +54,18 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, ReplayError> {
     let mut stream = subscriber
         .subscribe(args.subscription.as_str())
         .set_max_outstanding_messages(1000)
+        // Held (skipped, dry-run) messages are released at the end; should the command be
+        // killed instead, they come back after this short deadline rather than the SDK's 60 s.
+        .set_max_lease_extension(crate::source::LEASE_EXTENSION)
         .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
         .build();
     let token = stream.shutdown_token();
     let mut summary = ReplaySummary::default();
     let mut held = Vec::new();
     let mut seen = HashSet::new();
+    // Ids this run published: a dead letter pointing at one of them is our own replay that
+    // failed again.
+    let mut published = HashSet::new();
     let verb = if args.dry_run {
         "would replay"
     } else {
@@ -91,6 +102,14 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, ReplayError> {
             .get(ATTR_REASON)
             .cloned()
             .unwrap_or_default();
+        if let Some(original) = message.attributes.get(ATTR_ORIGINAL_ID)
+            && published.contains(original)
+        {
+            summary.skipped += 1;
+            println!("skipped {id}: replayed by this run as {original} and dead-lettered again");
+            held.push(handler);
+            continue;
+        }
         if args.kind.as_deref().is_some_and(|k| k != kind) {
             summary.skipped += 1;
             println!("skipped {id} kind={kind:?}");
@@ -114,6 +133,7 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, ReplayError> {
                 handler.ack();
                 summary.replayed += 1;
                 println!("{verb} {id} as {new_id} kind={kind} reason={reason:?}");
+                published.insert(new_id);
             }
             Err(e) => {
                 handler.nack();

@@ -1,6 +1,6 @@
 //! Restart stage: the PATCH `kubectl rollout restart` sends, plus our digest annotation.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
@@ -74,7 +74,9 @@ pub struct RetryPolicy {
     pub min_delay: Duration,
     pub max_delay: Duration,
     pub max_times: usize,
-    /// Total sleep allowed; keeps a message well inside its Pub/Sub lease.
+    /// Wall-clock time one delivery may spend on a workload, requests, backoff and
+    /// server-requested `Retry-After` included; keeps a message well inside its Pub/Sub lease.
+    /// A retry that would end past it is not made: the message is nacked instead.
     pub budget: Duration,
 }
 
@@ -108,7 +110,7 @@ impl Restarter {
     }
 
     /// Restarts one workload, retrying transient errors with exponential backoff and jitter,
-    /// honouring the API server's `retryAfterSeconds`.
+    /// honouring the API server's `retryAfterSeconds`, within the retry budget.
     pub async fn restart(
         &self,
         workload: &WorkloadRef,
@@ -118,16 +120,16 @@ impl Restarter {
             .with_min_delay(self.retry.min_delay)
             .with_max_delay(self.retry.max_delay)
             .with_max_times(self.retry.max_times)
-            .with_total_delay(Some(self.retry.budget))
             .with_jitter();
+        // Checked against the clock rather than backon's `with_total_delay`, which adds up
+        // only its own planned sleeps: a `Retry-After: 60` or slow requests would otherwise
+        // keep a message far past the budget and its lease.
+        let deadline = Instant::now() + self.retry.budget;
         (|| self.restart_once(workload, digest))
             .retry(backoff)
             .when(RestartError::is_transient)
-            .adjust(|e, planned| match e.class {
-                ErrorClass::Transient {
-                    retry_after: Some(after),
-                } => planned.map(|p| p.max(after)),
-                _ => planned,
+            .adjust(move |e, planned| {
+                retry_delay(e.class, planned).filter(|d| Instant::now() + *d <= deadline)
             })
             .notify(|e, delay| {
                 tracing::debug!(error = %e, ?delay, "retrying transient API error");
@@ -187,6 +189,16 @@ impl Restarter {
             WorkloadKind::DaemonSet => ApiResource::erase::<DaemonSet>(&()),
         };
         Api::namespaced_with(self.client.clone(), &workload.namespace, &resource)
+    }
+}
+
+/// The sleep before the next try: the planned backoff, stretched to a server's Retry-After.
+fn retry_delay(class: ErrorClass, planned: Option<Duration>) -> Option<Duration> {
+    match class {
+        ErrorClass::Transient {
+            retry_after: Some(after),
+        } => planned.map(|p| p.max(after)),
+        _ => planned,
     }
 }
 

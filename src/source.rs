@@ -39,11 +39,20 @@ impl Health {
 /// idle but healthy subscription delivers nothing, so there is no positive signal to wait for.
 const CONNECT_GRACE: Duration = Duration::from_secs(1);
 
+/// The ack deadline requested for received messages and for each lease extension. The SDK
+/// extends leases every 3 s, so this leaves ample slack, while a replica that is SIGKILLed or
+/// loses its node has its unacked messages redelivered after this long rather than after the
+/// minutes a long deadline would cost. 10 s is the smallest deadline Pub/Sub accepts.
+pub const LEASE_EXTENSION: Duration = Duration::from_secs(10);
+
 pub struct SourceConfig {
     pub subscription: String,
     pub max_in_flight: usize,
     pub shutdown_timeout: Duration,
-    /// Upper bound for automatic lease extension; the SDK clamps it to 10–600 s.
+    /// How long a received message may be held in total: the SDK keeps extending its lease
+    /// until then (`set_max_lease`). Despite the name this is *not* the SDK's
+    /// `max_lease_extension`, which is the deadline of each extension and so the delay before
+    /// a crashed replica's messages are redelivered; that one is [`LEASE_EXTENSION`].
     pub max_lease_extension: Duration,
 }
 
@@ -89,7 +98,8 @@ pub async fn run<L: Lookup, D: DeadLetterSink>(
         first = false;
         let mut stream = subscriber
             .subscribe(subscription.as_str())
-            .set_max_lease_extension(config.max_lease_extension)
+            .set_max_lease(config.max_lease_extension)
+            .set_max_lease_extension(LEASE_EXTENSION)
             .set_max_outstanding_messages(config.max_in_flight as i64 * 2)
             .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
             .build();

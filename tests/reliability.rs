@@ -118,6 +118,85 @@ async fn sigkill_during_a_stream_loses_no_event() {
     );
 }
 
+/// (a, variant) Killed while a slow PATCH runs, after the SDK has extended the message's
+/// lease: the message comes back after the short extension deadline (10 s), not after the
+/// minutes a long extension would hold it for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_after_a_lease_extension_redelivers_within_seconds() {
+    let mut h = Harness::new().await;
+    h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
+    let api = deployment_path("prod", "api");
+    // The first PATCH hangs, then fails (the client is gone by then anyway).
+    h.api.add_fault(Fault {
+        latency: Some(Duration::from_secs(8)),
+        ..Fault::error(api.clone(), 503).on_method("PATCH").times(1)
+    });
+    h.start_daemon().await;
+    h.publish(&insert("app:v1", HEX_A)).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            h.metric("gar_restarter_in_flight") == 1.0
+        })
+        .await,
+        "{}",
+        h.metrics()
+    );
+    // Lease extensions happen 0.5 s after receipt and every 3 s after that.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    h.kill_daemon();
+    let killed = Instant::now();
+    h.start_daemon().await;
+    let expected = HashSet::from([(api.clone(), sha(HEX_A))]);
+    let done = wait_for_pairs(&h, &expected, REDELIVERY_WAIT).await;
+    let took = killed.elapsed();
+    eprintln!(
+        "kill after lease extension: redelivered and restarted {:.2}s after SIGKILL",
+        took.as_secs_f64()
+    );
+    assert!(
+        done,
+        "not redelivered within {REDELIVERY_WAIT:?}\n{}",
+        h.daemon_log()
+    );
+    assert!(
+        took <= Duration::from_secs(20),
+        "redelivery took {took:?}: the lease extension deadline is too long"
+    );
+}
+
+/// A `Retry-After` longer than the retry budget is not slept on: the delivery gives up within
+/// its budget and the redelivery succeeds, instead of holding the message for 20 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_beyond_the_budget_is_not_slept_on() {
+    let mut h = Harness::new().await;
+    h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
+    let api = deployment_path("prod", "api");
+    h.api.add_fault(
+        Fault::error(api.clone(), 429)
+            .on_method("PATCH")
+            .with_retry_after(20)
+            .times(1),
+    );
+    h.extra_args = vec!["--retry-budget".into(), "2s".into()];
+    h.start_daemon().await;
+    let published = Instant::now();
+    h.publish(&insert("app:v1", HEX_A)).await;
+    let expected = HashSet::from([(api.clone(), sha(HEX_A))]);
+    let done = wait_for_pairs(&h, &expected, Duration::from_secs(30)).await;
+    let took = published.elapsed();
+    eprintln!(
+        "Retry-After 20 s with a 2 s budget: restarted {:.2}s after publishing",
+        took.as_secs_f64()
+    );
+    assert!(done, "{}", h.daemon_log());
+    assert!(
+        took <= Duration::from_secs(8),
+        "took {took:?}: the 20 s Retry-After was slept on despite the 2 s budget"
+    );
+    let statuses: Vec<u16> = patches_to(&h.api, &api).iter().map(|p| p.status).collect();
+    assert_eq!(statuses, vec![429, 200]);
+}
+
 /// (b) 30 % of PATCHes fail with 503 or 429 (Retry-After: 1): in-process retries and
 /// redelivery absorb them all; nothing is dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,7 +295,10 @@ async fn forbidden_workload_dead_letters_the_event_and_restarts_the_others() {
         assert!(at.is_some(), "prod/{name} restarted");
         assert_eq!(digest, Some(sha(HEX_A)));
     }
-    assert_eq!(restart_annotations(&h.deployment("prod", "b")), (None, None));
+    assert_eq!(
+        restart_annotations(&h.deployment("prod", "b")),
+        (None, None)
+    );
     for name in ["a", "c"] {
         assert_eq!(
             patches_to(&h.api, &deployment_path("prod", name)).len(),
@@ -300,10 +382,10 @@ async fn emulator_restart_resumes_within_five_seconds() {
 async fn duplicate_events_restart_each_workload_once() {
     let mut h = Harness::new().await;
     h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
-    h.api.insert(deployment("staging", "api", &[&gar("app:v1")]));
-    h.api.add_fault(
-        Fault::delay("/deployments/", Duration::from_millis(300)).on_method("PATCH"),
-    );
+    h.api
+        .insert(deployment("staging", "api", &[&gar("app:v1")]));
+    h.api
+        .add_fault(Fault::delay("/deployments/", Duration::from_millis(300)).on_method("PATCH"));
     h.start_daemon().await;
     let body = insert("app:v1", HEX_A);
     for _ in 0..3 {
@@ -388,7 +470,10 @@ async fn malformed_messages_are_dead_lettered_with_a_reason_per_class() {
         assert_eq!(dl.data.as_ref(), body.as_bytes(), "{case}: payload kept");
         let reason = &dl.attributes["dlq_reason"];
         for needle in *needles {
-            assert!(reason.contains(needle), "{case}: {reason:?} lacks {needle:?}");
+            assert!(
+                reason.contains(needle),
+                "{case}: {reason:?} lacks {needle:?}"
+            );
         }
     }
     assert!(
@@ -420,9 +505,8 @@ async fn sigterm_during_a_burst_exits_in_time_and_redelivers_the_rest() {
             &[&gar(&format!("w{i}:v1"))],
         ));
     }
-    h.api.add_fault(
-        Fault::delay("/deployments/", Duration::from_millis(300)).on_method("PATCH"),
-    );
+    h.api
+        .add_fault(Fault::delay("/deployments/", Duration::from_millis(300)).on_method("PATCH"));
     // One PATCH hangs past the shutdown timeout, so the drain has to give up on it.
     h.api.add_fault(
         Fault::delay(deployment_path("prod", "w0"), Duration::from_secs(8))
@@ -444,7 +528,9 @@ async fn sigterm_during_a_burst_exits_in_time_and_redelivers_the_rest() {
         h.publish(&insert(&format!("w{i}:v1"), &hex)).await;
     }
     assert!(
-        wait_until(Duration::from_secs(10), || accepted_patches(&h.api).len() >= 3).await,
+        wait_until(Duration::from_secs(10), || accepted_patches(&h.api).len()
+            >= 3)
+        .await,
         "{}",
         h.daemon_log()
     );
@@ -570,7 +656,10 @@ async fn always_failing_workload_is_dead_lettered_as_exhausted() {
     for needle in ["after 2 attempts", "Deployment prod/api", "503"] {
         assert!(reason.contains(needle), "{reason:?} lacks {needle:?}");
     }
-    assert_eq!(restart_annotations(&h.deployment("prod", "api")), (None, None));
+    assert_eq!(
+        restart_annotations(&h.deployment("prod", "api")),
+        (None, None)
+    );
     assert!(
         wait_until(Duration::from_secs(5), || {
             h.metric("gar_restarter_dead_letters_total{kind=\"exhausted\"}") == 1.0
@@ -602,14 +691,23 @@ async fn two_replicas_share_the_subscription_without_duplicates() {
     h.start_daemon().await;
     let second = h.spawn_extra_daemon("replica-2").await;
 
+    // Published as one batch: pstest hands the messages that are ready in one 10 ms tick out
+    // round-robin, but starts every tick at the first stream, so messages published one at a
+    // time would nearly all go to whichever replica connected first.
     let mut expected = HashSet::new();
+    let publisher = topic_publisher(&h.emulator.endpoint(), &h.emulator.topic(TOPIC)).await;
+    let mut pending = Vec::new();
     for n in 0..EVENTS {
         let app = format!("app{}", n % APPS);
         let hex = hex_digest(5000 + n);
         for ns in ["prod", "staging"] {
             expected.insert((deployment_path(ns, &app), sha(&hex)));
         }
-        h.publish(&insert(&format!("{app}:v1"), &hex)).await;
+        let body = insert(&format!("{app}:v1"), &hex);
+        pending.push(publisher.publish(Message::new().set_data(Bytes::from(body))));
+    }
+    for id in futures::future::join_all(pending).await {
+        id.expect("publish");
     }
     let done = wait_for_pairs(&h, &expected, Duration::from_secs(30)).await;
     assert!(

@@ -83,7 +83,8 @@ impl Fixture {
         let otel = tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("gar-restarter"))
             .with_filter(otel_targets());
-        let subscriber = tracing::subscriber::set_default(tracing_subscriber::registry().with(otel));
+        let subscriber =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(otel));
 
         let api = FakeApi::start().await.expect("fake API");
         let v1 = gar("app:v1");
@@ -317,7 +318,9 @@ async fn delivery_continues_the_publishers_trace_with_one_span_per_stage() {
 #[tokio::test]
 async fn delivery_without_traceparent_starts_its_own_trace() {
     let f = Fixture::new().await;
-    let (settled, _) = f.deliver(message("m-1", &insert_v1(), HashMap::new())).await;
+    let (settled, _) = f
+        .deliver(message("m-1", &insert_v1(), HashMap::new()))
+        .await;
     assert_eq!(settled, Some(Settled::Acked));
     let spans = f.spans();
     let consumer = check_restart_tree(&spans);
@@ -390,7 +393,9 @@ async fn forbidden_restart_is_dead_lettered_and_counted_with_its_code() {
     f.api.add_fault(
         gar_testsupport::fake_api::Fault::error("/namespaces/staging/", 403).on_method("PATCH"),
     );
-    let (settled, _) = f.deliver(message("m-1", &insert_v1(), HashMap::new())).await;
+    let (settled, _) = f
+        .deliver(message("m-1", &insert_v1(), HashMap::new()))
+        .await;
     assert_eq!(settled, Some(Settled::DeadLettered));
     let spans = f.spans();
     let consumer = one(&spans, |s| s.span_kind == SpanKind::Consumer, "consumer");

@@ -164,7 +164,9 @@ impl CacheChain {
     fn swap(&self, index: Index, origin: Origin) {
         let generated = index
             .generated_at()
-            .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
+            .and_then(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+            })
             .map(|t| t.unix_timestamp());
         self.inner
             .metrics
@@ -234,12 +236,18 @@ impl CacheChain {
         let started = Instant::now();
         let result = cluster::scan(&self.inner.client, &self.inner.config.scope).await;
         let ok = result.is_ok();
-        *self.inner.last_rebuild.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), ok));
+        *self
+            .inner
+            .last_rebuild
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), ok));
         self.inner.generation.fetch_add(1, Ordering::AcqRel);
         self.inner
             .metrics
             .rebuilds
-            .get_or_create(&ResultLabels { result: if ok { "ok" } else { "error" } })
+            .get_or_create(&ResultLabels {
+                result: if ok { "ok" } else { "error" },
+            })
             .inc();
         let index = result?;
         tracing::info!(
@@ -273,7 +281,9 @@ impl CacheChain {
     }
 
     /// Rebuilds and waits for the ConfigMap write; for `cache rebuild` and `check --rebuild`.
-    pub async fn rebuild_and_store(&self) -> Result<(Written, crate::cache::codec::Encoded), ChainError> {
+    pub async fn rebuild_and_store(
+        &self,
+    ) -> Result<(Written, crate::cache::codec::Encoded), ChainError> {
         let _guard = self.inner.rebuild_lock.lock().await;
         let index = cluster::scan(&self.inner.client, &self.inner.config.scope).await?;
         self.swap(index, Origin::Rebuild);
@@ -344,7 +354,11 @@ impl CacheChain {
     }
 
     fn remember_miss(&self, key: &str) {
-        let mut set = self.inner.negative.lock().unwrap_or_else(|p| p.into_inner());
+        let mut set = self
+            .inner
+            .negative
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if set.len() < NEGATIVE_CAPACITY {
             set.insert(key.to_string());
         }
@@ -352,7 +366,11 @@ impl CacheChain {
 
     /// `Some(ok)` when the last rebuild is younger than the minimum interval.
     fn recent_rebuild(&self) -> Option<bool> {
-        let last = *self.inner.last_rebuild.lock().unwrap_or_else(|p| p.into_inner());
+        let last = *self
+            .inner
+            .last_rebuild
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         last.filter(|(at, _)| at.elapsed() < self.inner.config.min_rebuild_interval)
             .map(|(_, ok)| ok)
     }
@@ -388,18 +406,25 @@ impl Lookup for CacheChain {
             }
             // The API failed us recently: redeliver later rather than call it again now.
             Some(false) => {
-                return Err(Self::failed(image, "the last rebuild failed; retrying after --min-rebuild-interval".into()));
+                return Err(Self::failed(
+                    image,
+                    "the last rebuild failed; retrying after --min-rebuild-interval".into(),
+                ));
             }
             None => {}
         }
         let seen = self.inner.generation.load(Ordering::Acquire);
         let _guard = self.inner.rebuild_lock.lock().await;
-        if self.inner.generation.load(Ordering::Acquire) == seen && self.recent_rebuild().is_none() {
+        if self.inner.generation.load(Ordering::Acquire) == seen && self.recent_rebuild().is_none()
+        {
             self.rebuild_locked(&format!("miss for {image}"))
                 .await
                 .map_err(|e| Self::failed(image, e.to_string()))?;
         } else if self.recent_rebuild() == Some(false) {
-            return Err(Self::failed(image, "the rebuild for a concurrent miss failed".into()));
+            return Err(Self::failed(
+                image,
+                "the rebuild for a concurrent miss failed".into(),
+            ));
         }
         match self.inner.index.get(image) {
             Some(w) => Ok(Self::hits(Some(w), LookupSource::Rebuild)),

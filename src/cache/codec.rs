@@ -188,7 +188,10 @@ pub fn decode(
     let manifest: Manifest =
         serde_json::from_str(manifest).map_err(|e| CodecError::Manifest(e.to_string()))?;
     if manifest.shards == 0 || manifest.shards > 64 {
-        return Err(CodecError::Manifest(format!("bad shard count {}", manifest.shards)));
+        return Err(CodecError::Manifest(format!(
+            "bad shard count {}",
+            manifest.shards
+        )));
     }
     let mut gz = Vec::new();
     for i in 0..manifest.shards {
@@ -265,12 +268,19 @@ mod tests {
         let index = big_index(20_000);
         assert_eq!(index.workload_count(), 20_000);
         let json_len = index.to_json().len();
-        assert!(json_len > CONFIGMAP_PAYLOAD_LIMIT, "plain would not fit: {json_len}");
+        assert!(
+            json_len > CONFIGMAP_PAYLOAD_LIMIT,
+            "plain would not fit: {json_len}"
+        );
         // Default limits: 20k workloads fit gzip-compressed in one ConfigMap.
         let form = round_trip(&index, Limits::default());
         assert_eq!(form, Form::Gzip);
         // Force sharding with a small shard size.
-        let limits = Limits { payload: 100_000, shard_raw: 60_000, max_shards: 64 };
+        let limits = Limits {
+            payload: 100_000,
+            shard_raw: 60_000,
+            max_shards: 64,
+        };
         assert_eq!(round_trip(&index, limits), Form::Sharded);
         // Small indexes stay plain (the original format).
         assert_eq!(round_trip(&big_index(10), Limits::default()), Form::Plain);
@@ -279,7 +289,11 @@ mod tests {
     #[test]
     fn detects_missing_and_stale_shards() {
         let index = big_index(5_000);
-        let limits = Limits { payload: 10_000, shard_raw: 20_000, max_shards: 64 };
+        let limits = Limits {
+            payload: 10_000,
+            shard_raw: 20_000,
+            max_shards: 64,
+        };
         let enc = encode(&index, limits).unwrap();
         assert!(enc.shards.len() > 1);
         let err = decode(&enc.data, &enc.binary_data, |i| {
@@ -296,7 +310,14 @@ mod tests {
         })
         .unwrap_err();
         assert!(matches!(err, CodecError::Checksum));
-        let limits = Limits { payload: 10_000, shard_raw: 1_000, max_shards: 2 };
-        assert!(matches!(encode(&index, limits), Err(CodecError::TooLarge { .. })));
+        let limits = Limits {
+            payload: 10_000,
+            shard_raw: 1_000,
+            max_shards: 2,
+        };
+        assert!(matches!(
+            encode(&index, limits),
+            Err(CodecError::TooLarge { .. })
+        ));
     }
 }

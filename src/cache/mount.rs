@@ -33,7 +33,10 @@ pub fn load(dir: &Path) -> MountState {
     let mut binary = BTreeMap::new();
     for key in [codec::PLAIN_KEY, codec::MANIFEST_KEY] {
         if let Some(bytes) = read(key) {
-            data.insert(key.to_string(), String::from_utf8_lossy(&bytes).into_owned());
+            data.insert(
+                key.to_string(),
+                String::from_utf8_lossy(&bytes).into_owned(),
+            );
         }
     }
     if let Some(bytes) = read(codec::GZIP_KEY) {
@@ -126,7 +129,14 @@ pub(crate) mod tests {
     fn loads_plain_and_reports_absent_and_invalid() {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(load(dir.path()), MountState::Absent));
-        kubelet_swap(dir.path(), 1, &[("cache.json", b"{\"images\":{\"nginx\":[{\"name\":\"a\",\"namespace\":\"b\"}]}}")]);
+        kubelet_swap(
+            dir.path(),
+            1,
+            &[(
+                "cache.json",
+                b"{\"images\":{\"nginx\":[{\"name\":\"a\",\"namespace\":\"b\"}]}}",
+            )],
+        );
         let MountState::Loaded(index, Form::Plain) = load(dir.path()) else {
             panic!("expected plain index")
         };
@@ -141,7 +151,11 @@ pub(crate) mod tests {
         kubelet_swap(dir.path(), 1, &[("cache.json", b"{\"images\":{}}")]);
         let (_w, mut rx) = watch(dir.path()).unwrap();
         for generation in 2..5 {
-            kubelet_swap(dir.path(), generation, &[("cache.json", b"{\"images\":{}}")]);
+            kubelet_swap(
+                dir.path(),
+                generation,
+                &[("cache.json", b"{\"images\":{}}")],
+            );
             tokio::time::timeout(Duration::from_secs(2), rx.recv())
                 .await
                 .expect("event within 2 s")

@@ -64,6 +64,9 @@ pub struct Store {
     client: Client,
     target: ObjectName,
     limits: Limits,
+    /// The main ConfigMap as last read or written (`Some(None)`: known absent), so a write
+    /// right after a read needs no second GET. A stale copy only costs a 409 and a re-read.
+    last_seen: std::sync::Mutex<Option<Option<ConfigMap>>>,
 }
 
 impl Store {
@@ -72,6 +75,7 @@ impl Store {
             client,
             target,
             limits: Limits::default(),
+            last_seen: std::sync::Mutex::new(None),
         }
     }
 
@@ -95,15 +99,27 @@ impl Store {
 
     /// `Ok(None)` when the ConfigMap does not exist.
     pub async fn read(&self) -> Result<Option<Index>, StoreError> {
-        let Some(cm) = self
+        let cm = self
             .api()
             .get_opt(&self.target.name)
             .await
-            .map_err(self.api_err("GET", &self.target.name))?
-        else {
-            return Ok(None);
-        };
-        self.decode(&cm).await.map(Some)
+            .map_err(self.api_err("GET", &self.target.name))?;
+        self.remember(cm.clone());
+        match cm {
+            Some(cm) => self.decode(&cm).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn remember(&self, cm: Option<ConfigMap>) {
+        *self.last_seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(cm);
+    }
+
+    fn take_remembered(&self) -> Option<Option<ConfigMap>> {
+        self.last_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     async fn decode(&self, cm: &ConfigMap) -> Result<Index, StoreError> {
@@ -188,8 +204,12 @@ impl Store {
                 ..Default::default()
             },
             data: (!data.is_empty()).then_some(data),
-            binary_data: (!binary.is_empty())
-                .then(|| binary.into_iter().map(|(k, v)| (k, ByteString(v))).collect()),
+            binary_data: (!binary.is_empty()).then(|| {
+                binary
+                    .into_iter()
+                    .map(|(k, v)| (k, ByteString(v)))
+                    .collect()
+            }),
             ..Default::default()
         }
     }
@@ -208,34 +228,50 @@ impl Store {
             ..Default::default()
         };
         let form = form_of(&desired);
+        let is_main = name == self.target.name;
+        let mut known = if is_main {
+            self.take_remembered()
+        } else {
+            None
+        };
         for _ in 0..MAX_CONFLICT_RETRIES {
-            let current = api.get_opt(name).await.map_err(self.api_err("GET", name))?;
+            let current = match known.take() {
+                Some(c) => c,
+                None => api.get_opt(name).await.map_err(self.api_err("GET", name))?,
+            };
             let result = match current {
                 None => {
                     desired.metadata.resource_version = None;
                     api.create(&params, &desired)
                         .await
-                        .map(|_| Written::Created(form))
+                        .map(|cm| (cm, Written::Created(form)))
                 }
                 Some(current) => {
                     if let Some(ours) = newer_than
                         && let Ok(theirs) = self.decode(&current).await
                     {
                         if theirs.same_content(ours) {
+                            self.remember(Some(current));
                             return Ok(Written::Unchanged);
                         }
                         if is_newer_or_equal(&theirs, ours) {
+                            self.remember(Some(current));
                             return Ok(Written::Superseded);
                         }
                     }
                     desired.metadata.resource_version = current.metadata.resource_version.clone();
                     api.replace(name, &params, &desired)
                         .await
-                        .map(|_| Written::Replaced(form))
+                        .map(|cm| (cm, Written::Replaced(form)))
                 }
             };
             match result {
-                Ok(w) => return Ok(w),
+                Ok((cm, w)) => {
+                    if is_main {
+                        self.remember(Some(cm));
+                    }
+                    return Ok(w);
+                }
                 // 409: someone wrote between our GET and our write (AlreadyExists on create,
                 // Conflict on replace): read again and retry.
                 Err(kube::Error::Api(s)) if s.code == 409 => {

@@ -585,8 +585,18 @@ impl Harness {
                 text
             })
         };
-        let stdout = reader(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-        let stderr = reader(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+        let stdout = reader(
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let stderr = reader(
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
         let status = loop {
             if let Ok(Some(status)) = child.try_wait() {
                 break Some(status);

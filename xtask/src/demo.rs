@@ -194,6 +194,8 @@ struct Sample {
     dead_letter: bool,
     /// The `gar_restarter_events_received_total` action it must be counted under.
     action: &'static str,
+    /// The digest an INSERT carries: workloads PATCHed with it were restarted by it.
+    digest: Option<String>,
     /// What should happen, for the report.
     expect: &'static str,
 }
@@ -210,6 +212,7 @@ fn samples() -> Vec<Sample> {
             .to_string(),
             dead_letter: false,
             action: "insert",
+            digest: Some(shop_digest()),
             expect: "restarts the Deployments running shop:v2",
         },
         Sample {
@@ -222,6 +225,7 @@ fn samples() -> Vec<Sample> {
             .to_string(),
             dead_letter: false,
             action: "insert",
+            digest: Some(nginx_digest()),
             expect: "restarts web/nginx (`nginx` is docker.io/library/nginx:latest)",
         },
         Sample {
@@ -233,6 +237,7 @@ fn samples() -> Vec<Sample> {
             .to_string(),
             dead_letter: false,
             action: "insert_digest_only",
+            digest: None,
             expect: "acked, restarts nothing: no tag moved, so nothing running can change",
         },
         Sample {
@@ -240,6 +245,7 @@ fn samples() -> Vec<Sample> {
             data: json!({ "action": "DELETE", "tag": format!("{REPO}:v1") }).to_string(),
             dead_letter: false,
             action: "delete",
+            digest: None,
             expect: "acked, restarts nothing: a deletion never restarts (staging/frontend stays)",
         },
         Sample {
@@ -247,6 +253,7 @@ fn samples() -> Vec<Sample> {
             data: "not json".to_owned(),
             dead_letter: true,
             action: "malformed",
+            digest: None,
             expect: "dead-lettered as malformed, then acked",
         },
     ]
@@ -569,6 +576,7 @@ async fn drive(
     let status = env.terminate();
 
     let mut failures = Vec::new();
+    let daemon_log = env.daemon_log();
     let requests = env.api.patches();
     let patched = |seed: &Seed| -> Vec<Value> {
         requests
@@ -639,6 +647,9 @@ async fn drive(
             "FAIL"
         };
         println!("  {mark} {:<28} {}", seed.id(), seed.why);
+        if let Some(said) = log_evidence(&daemon_log, &seed.id()) {
+            println!("       daemon log: {said}");
+        }
     }
     let known: Vec<String> = seeds.iter().map(Seed::path).collect();
     for r in requests
@@ -661,6 +672,25 @@ async fn drive(
             mark = "FAIL";
         }
         let mut outcome = sample.expect.to_owned();
+        if let Some(d) = &sample.digest {
+            let mut hit: Vec<String> = requests
+                .iter()
+                .filter(|r| (200..300).contains(&r.status))
+                .filter(|r| {
+                    r.body.as_ref().is_some_and(|b| {
+                        b["spec"]["template"]["metadata"]["annotations"][DIGEST_ANNOTATION] == **d
+                    })
+                })
+                .map(|r| workload_of(&r.path))
+                .collect();
+            hit.sort();
+            hit.dedup();
+            outcome = if hit.is_empty() {
+                "restarted nothing".to_owned()
+            } else {
+                format!("restarted {}", hit.join(", "))
+            };
+        }
         if sample.dead_letter {
             match letters.get(id.as_str()) {
                 Some(dl)
@@ -759,6 +789,8 @@ fn daemon_command(bin: &Path, env: &Running) -> Result<Command> {
         .arg("text")
         .env("PUBSUB_EMULATOR_HOST", &env.pubsub_host)
         .env("KUBECONFIG", dir.join("kubeconfig"))
+        // The log goes to a file: no ANSI colours.
+        .env("NO_COLOR", "1")
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -890,6 +922,48 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// `ns/name` of a workload API path like `/apis/apps/v1/namespaces/ns/deployments/name`.
+fn workload_of(path: &str) -> String {
+    let parts: Vec<&str> = path.split('/').collect();
+    match parts.as_slice() {
+        ["", "apis", "apps", "v1", "namespaces", ns, _, name, ..] => format!("{ns}/{name}"),
+        _ => path.to_owned(),
+    }
+}
+
+/// The message of the last daemon log line about `workload` (e.g. `Deployment shop/canary`),
+/// from the text format: `... gar_restarter::restart: MESSAGE workload=Deployment shop/canary`.
+fn log_evidence(log: &str, workload: &str) -> Option<String> {
+    let field = format!("workload={workload}");
+    log.lines()
+        .map(strip_ansi)
+        .filter(|l| l.contains(&field))
+        .filter_map(|l| {
+            let (_, after) = l.rsplit_once(" gar_restarter::")?;
+            let (_, message) = after.split_once(": ")?;
+            let message = message.split(" workload=").next()?.trim();
+            (!message.is_empty()).then(|| message.to_owned())
+        })
+        .next_back()
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -929,6 +1003,28 @@ mod tests {
         );
         assert_eq!(samples().len(), 5);
         assert_eq!(short_digest(&shop_digest()), "sha256:5e1f5e1f5e1f…");
+    }
+
+    #[test]
+    fn finds_log_evidence() {
+        let log = "2026-01-01T00:00:00Z  INFO process{:restart{k8s.workload.name=canary}: \
+                   gar_restarter::restart: not restarting: the Deployment is paused \
+                   (kubectl refuses it too) workload=Deployment shop/canary\n\
+                   \u{1b}[2mx\u{1b}[0m INFO gar_restarter::pipeline: restarted \
+                   workload=Deployment shop/frontend image=x";
+        assert_eq!(
+            log_evidence(log, "Deployment shop/canary").as_deref(),
+            Some("not restarting: the Deployment is paused (kubectl refuses it too)")
+        );
+        assert_eq!(
+            log_evidence(log, "Deployment shop/frontend").as_deref(),
+            Some("restarted")
+        );
+        assert_eq!(log_evidence(log, "Deployment prod/pinned"), None);
+        assert_eq!(
+            workload_of("/apis/apps/v1/namespaces/web/deployments/nginx"),
+            "web/nginx"
+        );
     }
 
     #[test]
