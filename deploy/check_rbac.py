@@ -16,8 +16,9 @@ RBAC - the only grants bound to the gar-restarter ServiceAccount are
     ClusterRoleBinding) or per namespace (Role + RoleBinding), and then the
     set of namespaces must equal the daemon's --namespace args;
   * configmaps in the daemon's namespace: get, update only with
-    resourceNames [gar-restarter-cache], and create (never restrictable by
-    resourceNames);
+    resourceNames exactly gar-restarter-cache and its shards
+    gar-restarter-cache-0 ... -7 (codec::MAX_SHARDS = 8), and create (never
+    restrictable by resourceNames);
   nothing else: no wildcards, no other resources or subresources, no
   nonResourceURLs, no aggregation, no binding to a role not in the render,
   no subject other than the gar-restarter ServiceAccount, no unbound role.
@@ -27,8 +28,16 @@ Pod - for the gar-restarter Deployment:
     level), readOnlyRootFilesystem true, allowPrivilegeEscalation false,
     capabilities drop [ALL] and add nothing, seccompProfile RuntimeDefault,
     not privileged;
-  * the gar-restarter-cache ConfigMap volume is optional and mounted at the
-    cache dir without subPath/subPathExpr;
+  * --cache-configmap (if given) names gar-restarter-cache in the pod's
+    namespace;
+  * the cache volume is one projected volume whose sources are exactly the
+    ConfigMaps gar-restarter-cache and gar-restarter-cache-0 ... -7, each
+    optional, without items, and nothing else; it is mounted read-only at the
+    cache dir without subPath/subPathExpr, and no other volume references
+    those ConfigMaps.
+
+`check_rbac.py --codec src/cache/codec.rs` checks that MAX_SHARDS there is
+the shard count assumed here.
   * terminationGracePeriodSeconds > --shutdown-timeout (default 20s);
   * probes /healthz and /readyz on the port named metrics (9090), POD_NAMESPACE
     from the downward API, resource requests and a memory limit;
@@ -57,6 +66,12 @@ except ModuleNotFoundError:  # pragma: no cover - older Pythons
 APP = "gar-restarter"
 SERVICE_ACCOUNT = "gar-restarter"
 CACHE_CONFIGMAP = "gar-restarter-cache"
+# codec::MAX_SHARDS in src/cache/codec.rs: the sharded cache form splits the
+# index over CACHE_CONFIGMAP-0 ... -(N-1). RBAC resourceNames cannot be
+# wildcarded, so every name is listed (and checked) explicitly.
+CACHE_MAX_SHARDS = 8
+CACHE_SHARD_CONFIGMAPS = tuple(f"{CACHE_CONFIGMAP}-{i}" for i in range(CACHE_MAX_SHARDS))
+CACHE_CONFIGMAPS = (CACHE_CONFIGMAP, *CACHE_SHARD_CONFIGMAPS)
 WORKLOAD_GROUP = "apps"
 WORKLOAD_RESOURCES = frozenset({"deployments", "statefulsets", "daemonsets"})
 WORKLOAD_VERBS = frozenset({"get", "list", "watch", "patch"})
@@ -286,7 +301,10 @@ class Checker:
                 )
 
         if self.ns not in cache_named:
-            self.fail(f"missing get/update on configmaps [{CACHE_CONFIGMAP}] in namespace {self.ns}")
+            self.fail(
+                f"missing get/update on configmaps {CACHE_CONFIGMAP} and {CACHE_CONFIGMAP}-0..{CACHE_MAX_SHARDS - 1} "
+                f"in namespace {self.ns}"
+            )
         if self.ns not in cache_create:
             self.fail(f"missing create on configmaps in namespace {self.ns}")
 
@@ -327,14 +345,25 @@ class Checker:
             if scope != self.ns:
                 self.fail(f"{where}: configmap access must be a Role in {self.ns}, not {scope}")
                 return
-            if vset == CACHE_NAMED_VERBS and names == [CACHE_CONFIGMAP]:
-                cache_named.add(scope)
+            if vset == CACHE_NAMED_VERBS and names:
+                extra = sorted(set(names) - set(CACHE_CONFIGMAPS))
+                missing = [n for n in CACHE_CONFIGMAPS if n not in names]
+                if extra or missing or len(set(names)) != len(names):
+                    self.fail(
+                        f"{where}: get/update resourceNames must be exactly {CACHE_CONFIGMAP} and "
+                        f"{CACHE_CONFIGMAP}-0..{CACHE_MAX_SHARDS - 1} (codec::MAX_SHARDS = {CACHE_MAX_SHARDS}); "
+                        f"not allowed: {extra}, missing: {missing}"
+                        + (", duplicates" if len(set(names)) != len(names) else "")
+                    )
+                else:
+                    cache_named.add(scope)
             elif vset == CACHE_CREATE_VERBS and not names:
                 cache_create.add(scope)
             else:
                 self.fail(
-                    f"{where}: configmaps allow only get/update with resourceNames [{CACHE_CONFIGMAP}] "
-                    f"or create without resourceNames, got verbs {verbs} resourceNames {names}"
+                    f"{where}: configmaps allow only get/update with resourceNames {CACHE_CONFIGMAP} and "
+                    f"{CACHE_CONFIGMAP}-0..{CACHE_MAX_SHARDS - 1}, or create without resourceNames, "
+                    f"got verbs {verbs} resourceNames {names}"
                 )
         else:
             self.fail(f"{where}: apiGroups {groups} are not allowed")
@@ -372,31 +401,74 @@ class Checker:
                 self.fail(f"Deployment {APP}: {key} is not allowed")
 
     def check_cache_volume(self) -> None:
+        # --cache-configmap NS/NAME: RBAC and the volume below list NAME and its
+        # shards, so the daemon must use exactly that name in its own namespace.
+        target = self.option("cache-configmap")
+        if target is not None:
+            ns, _, name = target.rpartition("/")
+            if name != CACHE_CONFIGMAP or ns not in ("", "$(POD_NAMESPACE)", self.ns):
+                self.fail(
+                    f"container {APP}: --cache-configmap must be $(POD_NAMESPACE)/{CACHE_CONFIGMAP} "
+                    f"(RBAC and the cache volume name it and its shards), got {target}"
+                )
         vols = self.pod.get("volumes") or []
+        wanted = set(CACHE_CONFIGMAPS)
+        projected = []
         for v in vols:
-            for src in ((v.get("projected") or {}).get("sources")) or []:
-                if ((src.get("configMap") or {}).get("name")) == CACHE_CONFIGMAP:
-                    self.fail(f"volume {v.get('name')}: mount {CACHE_CONFIGMAP} as a configMap volume, not projected")
-        cache = [v for v in vols if (v.get("configMap") or {}).get("name") == CACHE_CONFIGMAP]
-        if len(cache) != 1:
-            self.fail(f"Deployment {APP}: expected one configMap volume for {CACHE_CONFIGMAP}, found {len(cache)}")
+            if ((v.get("configMap") or {}).get("name")) in wanted:
+                self.fail(
+                    f"volume {v.get('name')}: configMap {v['configMap']['name']} must be a source of the one "
+                    f"projected cache volume, not a volume of its own (the daemon reads every key from one directory)"
+                )
+            sources = (v.get("projected") or {}).get("sources") or []
+            if any(((src.get("configMap") or {}).get("name")) in wanted for src in sources):
+                projected.append(v)
+        if len(projected) != 1:
+            self.fail(
+                f"Deployment {APP}: expected one projected volume with the {CACHE_CONFIGMAP} ConfigMaps, "
+                f"found {len(projected)}"
+            )
             return
-        vol = cache[0]
-        if vol["configMap"].get("optional") is not True:
-            self.fail(f"volume {vol.get('name')}: configMap {CACHE_CONFIGMAP} must be optional: true")
-        if vol["configMap"].get("items"):
-            self.fail(f"volume {vol.get('name')}: no items: the daemon reads whatever keys the ConfigMap has")
+        vol = projected[0]
+        where = f"volume {vol.get('name')}"
+        names = []
+        for src in vol["projected"]["sources"]:
+            cm = src.get("configMap")
+            if cm is None or len(src) != 1:
+                self.fail(f"{where}: only configMap sources are allowed, got {sorted(src)}")
+                continue
+            name = cm.get("name")
+            names.append(name)
+            if name not in wanted:
+                self.fail(f"{where}: configMap source {name!r} is not {CACHE_CONFIGMAP} or one of its shards")
+            if cm.get("optional") is not True:
+                self.fail(
+                    f"{where}: configMap source {name} must be optional: true (it is absent until the daemon "
+                    "writes it, and shards exist only for the sharded form)"
+                )
+            if cm.get("items"):
+                self.fail(f"{where}: configMap source {name}: no items: the daemon reads whatever keys it has")
+        missing = [n for n in CACHE_CONFIGMAPS if n not in names]
+        if missing:
+            self.fail(f"{where}: missing configMap sources {missing}")
+        if len(set(names)) != len(names):
+            self.fail(f"{where}: duplicate configMap sources {sorted(n for n in set(names) if names.count(n) > 1)}")
         cache_dir = (self.option("cache-dir") or DEFAULT_CACHE_DIR).rstrip("/")
         containers = (self.pod.get("initContainers") or []) + (self.pod.get("containers") or [])
         for c in containers:
             for m in c.get("volumeMounts") or []:
                 if m.get("name") == vol.get("name") and (m.get("subPath") or m.get("subPathExpr")):
                     self.fail(
-                        f"container {c.get('name')}: mount of {CACHE_CONFIGMAP} uses subPath, which never receives updates"
+                        f"container {c.get('name')}: mount of the {CACHE_CONFIGMAP} volume uses subPath, "
+                        "which never receives updates"
                     )
         mounts = [m for m in self.main.get("volumeMounts") or [] if m.get("name") == vol.get("name")]
-        if not any(m.get("mountPath", "").rstrip("/") == cache_dir for m in mounts):
-            self.fail(f"container {APP}: {CACHE_CONFIGMAP} must be mounted at the cache dir {cache_dir}")
+        at_dir = [m for m in mounts if m.get("mountPath", "").rstrip("/") == cache_dir]
+        if not at_dir:
+            self.fail(f"container {APP}: the {CACHE_CONFIGMAP} volume must be mounted at the cache dir {cache_dir}")
+        for m in at_dir:
+            if m.get("readOnly") is not True:
+                self.fail(f"container {APP}: mount of the {CACHE_CONFIGMAP} volume at {cache_dir} must be readOnly: true")
 
     def check_shutdown(self) -> None:
         raw = self.option("shutdown-timeout")
@@ -496,7 +568,36 @@ def _main(docs):
 
 
 def _cache_vol(docs):
-    return next(v for v in _pod(docs)["volumes"] if (v.get("configMap") or {}).get("name") == CACHE_CONFIGMAP)
+    return next(
+        v for v in _pod(docs)["volumes"]
+        if any((s.get("configMap") or {}).get("name") == CACHE_CONFIGMAP for s in (v.get("projected") or {}).get("sources") or [])
+    )
+
+
+def _cache_src(docs, name):
+    return next(s["configMap"] for s in _cache_vol(docs)["projected"]["sources"] if s["configMap"]["name"] == name)
+
+
+def _cache_mount(docs):
+    return next(m for m in _main(docs)["volumeMounts"] if m["name"] == _cache_vol(docs)["name"])
+
+
+def _rename_cm_name(docs, old, new):
+    rule = _cm_rule(docs, True)
+    rule["resourceNames"] = [new if n == old else n for n in rule["resourceNames"]]
+
+
+def _plain_cache_volume(docs):
+    """The pre-sharding layout: one configMap volume for the main ConfigMap."""
+    vol = _cache_vol(docs)
+    vol.pop("projected")
+    vol["configMap"] = {"name": CACHE_CONFIGMAP, "optional": True}
+
+
+def _cache_args(docs, value):
+    args = _main(docs)["args"]
+    i = next(i for i, a in enumerate(args) if a.startswith("--cache-configmap="))
+    args[i] = f"--cache-configmap={value}"
 
 
 def _drop_rule(docs, rule):
@@ -536,6 +637,13 @@ MUTANTS: list[tuple[str, Callable[[list[Doc]], None]]] = [
      lambda d: _find(d, "Role")["rules"].append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]})),
     ("configmap get/update without resourceNames", lambda d: _cm_rule(d, True).pop("resourceNames")),
     ("configmap get/update on another name", lambda d: _set(_cm_rule(d, True), "resourceNames", ["kube-root-ca.crt"])),
+    ("configmap get/update on main only, no shards", lambda d: _set(_cm_rule(d, True), "resourceNames", [CACHE_CONFIGMAP])),
+    ("configmap shard -8 instead of -7 (outside 0-7)",
+     lambda d: _rename_cm_name(d, f"{CACHE_CONFIGMAP}-7", f"{CACHE_CONFIGMAP}-8")),
+    ("configmap extra shard -8 (outside 0-7)", lambda d: _cm_rule(d, True)["resourceNames"].append(f"{CACHE_CONFIGMAP}-8")),
+    ("configmap shard -0 missing", lambda d: _cm_rule(d, True)["resourceNames"].remove(f"{CACHE_CONFIGMAP}-0")),
+    ("configmap main name missing", lambda d: _cm_rule(d, True)["resourceNames"].remove(CACHE_CONFIGMAP)),
+    ("configmap kube-root-ca.crt added to names", lambda d: _cm_rule(d, True)["resourceNames"].append("kube-root-ca.crt")),
     ("configmap delete added", lambda d: _cm_rule(d, True)["verbs"].append("delete")),
     ("configmap create widened with list", lambda d: _cm_rule(d, False)["verbs"].append("list")),
     ("configmap create missing", lambda d: _drop_rule(d, _cm_rule(d, False))),
@@ -560,11 +668,24 @@ MUTANTS: list[tuple[str, Callable[[list[Doc]], None]]] = [
     ("seccomp Unconfined", lambda d: _both_sc(d, "seccompProfile", {"type": "Unconfined"})),
     ("seccomp removed", lambda d: _del_both_sc(d, "seccompProfile")),
     ("privileged", lambda d: _main(d)["securityContext"].__setitem__("privileged", True)),
-    ("cache volume optional false", lambda d: _cache_vol(d)["configMap"].__setitem__("optional", False)),
-    ("cache volume optional missing", lambda d: _cache_vol(d)["configMap"].pop("optional")),
-    ("cache volume mounted with subPath", lambda d: next(
-        m for m in _main(d)["volumeMounts"] if m["name"] == _cache_vol(d)["name"]).__setitem__("subPath", "index.json")),
+    ("cache main source optional false", lambda d: _cache_src(d, CACHE_CONFIGMAP).__setitem__("optional", False)),
+    ("cache main source optional missing", lambda d: _cache_src(d, CACHE_CONFIGMAP).pop("optional")),
+    ("cache shard source optional false",
+     lambda d: _cache_src(d, f"{CACHE_CONFIGMAP}-3").__setitem__("optional", False)),
+    ("cache shard source optional missing", lambda d: _cache_src(d, f"{CACHE_CONFIGMAP}-7").pop("optional")),
+    ("cache shard source -7 missing",
+     lambda d: _cache_vol(d)["projected"]["sources"].remove({"configMap": _cache_src(d, f"{CACHE_CONFIGMAP}-7")})),
+    ("cache shard source -8 instead of -7",
+     lambda d: _cache_src(d, f"{CACHE_CONFIGMAP}-7").__setitem__("name", f"{CACHE_CONFIGMAP}-8")),
+    ("cache source with items", lambda d: _cache_src(d, CACHE_CONFIGMAP).__setitem__(
+        "items", [{"key": "cache.json", "path": "cache.json"}])),
+    ("cache volume with a secret source",
+     lambda d: _cache_vol(d)["projected"]["sources"].append({"secret": {"name": "gar-restarter", "optional": True}})),
+    ("cache volume back to a plain configMap volume", _plain_cache_volume),
+    ("cache volume mounted with subPath", lambda d: _cache_mount(d).__setitem__("subPath", "cache.json")),
+    ("cache volume mounted read-write", lambda d: _cache_mount(d).pop("readOnly")),
     ("cache volume removed", lambda d: _pod(d)["volumes"].remove(_cache_vol(d))),
+    ("--cache-configmap names another ConfigMap", lambda d: _cache_args(d, "$(POD_NAMESPACE)/my-cache")),
     ("terminationGracePeriodSeconds 20", lambda d: _set(_pod(d), "terminationGracePeriodSeconds", 20)),
     ("terminationGracePeriodSeconds unset", lambda d: _pod(d).pop("terminationGracePeriodSeconds")),
     ("shutdown-timeout raised above grace period", lambda d: _main(d)["args"].append("--shutdown-timeout=45s")),
@@ -639,11 +760,43 @@ def self_test(path: str) -> int:
     return 0
 
 
+def check_codec(path: str) -> int:
+    """MAX_SHARDS in src/cache/codec.rs must be CACHE_MAX_SHARDS: the RBAC
+    resourceNames and the projected volume list exactly that many shards."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        print(f"{path}: ERROR: {exc}")
+        return 2
+    m = re.search(r"\bpub\s+const\s+MAX_SHARDS\s*:\s*usize\s*=\s*([0-9_]+)\s*;", text)
+    if not m:
+        print(f"{path}: ERROR: no `pub const MAX_SHARDS: usize = N;` found")
+        return 2
+    n = int(m.group(1).replace("_", ""))
+    if n != CACHE_MAX_SHARDS:
+        print(
+            f"{path}: VIOLATION: MAX_SHARDS = {n}, but deploy/ grants and mounts {CACHE_MAX_SHARDS} shards "
+            f"({CACHE_CONFIGMAP}-0..{CACHE_MAX_SHARDS - 1}); update CACHE_MAX_SHARDS in check_rbac.py, "
+            "rbac-cache.yaml and the cache volume in deployment.yaml together"
+        )
+        return 1
+    print(f"{path}: MAX_SHARDS = {n} matches the deploy/ shard names")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--self-test", action="store_true", help="mutate the given good render and expect rejections")
-    p.add_argument("files", nargs="+", help="rendered multi-document YAML (kubectl kustomize output)")
+    p.add_argument("--codec", metavar="CODEC_RS", help="check MAX_SHARDS in src/cache/codec.rs instead")
+    p.add_argument("files", nargs="*", help="rendered multi-document YAML (kubectl kustomize output)")
     a = p.parse_args(argv)
+    if a.codec:
+        if a.files or a.self_test:
+            p.error("--codec takes no rendered files")
+        return check_codec(a.codec)
+    if not a.files:
+        p.error("no rendered files given")
     if a.self_test:
         return max(self_test(f) for f in a.files)
     rc = 0

@@ -10,6 +10,8 @@
 #      errors), for each version in K8S_VERSIONS; a kind without a schema
 #      (typo in apiVersion/kind) is an error too;
 #   3. enforce the RBAC / pod-security policy with deploy/check_rbac.py.
+# Then check that codec::MAX_SHARDS (src/cache/codec.rs) is the number of
+# cache shard ConfigMaps the manifests grant and mount.
 # Then prove the checks bite: check_rbac.py --self-test must reject 30+
 # mutated copies of the base render, and the schema validator must reject a
 # render with an unknown field.
@@ -138,6 +140,19 @@ for t in "${targets[@]}"; do
   fi
 done
 
+log "cache shards vs src/cache/codec.rs"
+codec=src/cache/codec.rs
+if [[ -f "$codec" ]]; then
+  if report="$(pyrun "$here/check_rbac.py" --codec "$codec" 2>&1)"; then
+    ok "$(sed 's/^[^:]*: //' <<<"$report")"
+  else
+    printf '%s\n' "$report" | sed 's/^/        /'
+    bad "codec::MAX_SHARDS does not match the shard ConfigMaps in deploy/"
+  fi
+else
+  bad "$codec not found (needed to cross-check codec::MAX_SHARDS)"
+fi
+
 log "self-tests (the checks must reject bad documents)"
 if [[ -s "$out/base.yaml" ]]; then
   if report="$(cd "$out" && pyrun "$here/check_rbac.py" --self-test base.yaml 2>&1)"; then
@@ -145,6 +160,13 @@ if [[ -s "$out/base.yaml" ]]; then
   else
     printf '%s\n' "$report" | grep -v '^self-test: ok' | sed 's/^/        /'
     bad "check_rbac.py --self-test"
+  fi
+  # A different shard count in the codec must be flagged.
+  printf 'pub const MAX_SHARDS: usize = 9;\n' >"$out/codec-9.rs"
+  if pyrun "$here/check_rbac.py" --codec "$out/codec-9.rs" >/dev/null 2>&1; then
+    bad "check_rbac.py --codec accepted MAX_SHARDS = 9"
+  else
+    ok "check_rbac.py --codec rejects MAX_SHARDS = 9"
   fi
   # A typo'd field must not pass schema validation.
   if ! pyrun - "$out/base.yaml" "$out/bad-schema.yaml" <<'PY'

@@ -63,7 +63,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
     .await?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
 
-    let client = cluster::client().await?;
+    let client = cluster::client_with_metrics(metrics.clone()).await?;
     let chain = CacheChain::new(client.clone(), chain_config(&args.scope), metrics.clone());
     // The index must be loaded before messages are taken; stay not-ready until it is.
     let mut delay = Duration::from_millis(500);

@@ -4,6 +4,8 @@
 //! absent on a digest-only push. Anything else is malformed and must be dead-lettered, so the
 //! error says exactly what was wrong.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 
 use crate::image::{ImageRef, ImageRefError};
@@ -59,13 +61,16 @@ pub enum ParseError {
     RepositoryMismatch { tag: String, digest: String },
 }
 
+/// Borrows from the message bytes when the JSON strings have no escapes: no copies on the
+/// hot path.
 #[derive(Deserialize)]
-struct Payload {
-    action: Option<String>,
-    #[serde(default)]
-    digest: Option<String>,
-    #[serde(default)]
-    tag: Option<String>,
+struct Payload<'a> {
+    #[serde(borrow)]
+    action: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    digest: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    tag: Option<Cow<'a, str>>,
 }
 
 pub fn parse(data: &[u8]) -> Result<Event, ParseError> {
@@ -84,7 +89,7 @@ pub fn parse(data: &[u8]) -> Result<Event, ParseError> {
             (None, None) => Err(ParseError::NoReference { action: "DELETE" }),
             (tag, digest) => {
                 // Validated so that garbage is dead-lettered rather than acked as a delete.
-                let reference = tag.or(digest).unwrap_or_default();
+                let reference = tag.or(digest).unwrap_or_default().into_owned();
                 let field = if reference.contains('@') {
                     "digest"
                 } else {
@@ -99,7 +104,10 @@ pub fn parse(data: &[u8]) -> Result<Event, ParseError> {
     }
 }
 
-fn parse_insert(tag: Option<String>, digest: Option<String>) -> Result<Event, ParseError> {
+fn parse_insert(
+    tag: Option<Cow<'_, str>>,
+    digest: Option<Cow<'_, str>>,
+) -> Result<Event, ParseError> {
     let digest_ref = digest
         .map(|d| {
             let r = ImageRef::parse(&d).map_err(|source| ParseError::BadReference {
@@ -107,7 +115,7 @@ fn parse_insert(tag: Option<String>, digest: Option<String>) -> Result<Event, Pa
                 source,
             })?;
             if r.digest().is_none() {
-                return Err(ParseError::DigestWithoutDigest(d));
+                return Err(ParseError::DigestWithoutDigest(d.into_owned()));
             }
             Ok(r)
         })
@@ -123,7 +131,7 @@ fn parse_insert(tag: Option<String>, digest: Option<String>) -> Result<Event, Pa
         source,
     })?;
     if tag_ref.tag().is_none() {
-        return Err(ParseError::TagIsDigest(tag));
+        return Err(ParseError::TagIsDigest(tag.into_owned()));
     }
     if let Some(d) = &digest_ref
         && d.name() != tag_ref.name()
@@ -187,10 +195,12 @@ mod tests {
         assert_eq!(ev.action(), "DELETE");
     }
 
+    type Check = fn(&ParseError) -> bool;
+
     #[test]
     fn malformed_payloads() {
         let digest = format!("gcr.io/p/app@sha256:{HEX}");
-        let cases: Vec<(Vec<u8>, fn(&ParseError) -> bool)> = vec![
+        let cases: Vec<(Vec<u8>, Check)> = vec![
             (b"not json".to_vec(), |e| {
                 matches!(e, ParseError::NotJson(_))
             }),

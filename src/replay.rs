@@ -143,6 +143,10 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, ReplayError> {
         }
     }
     drop(held);
+    // Closing the stream first keeps the service from sending the held messages, released
+    // just now, straight back to this stream, where they would wait out their ack deadline
+    // before the next run could see them.
+    drop(stream);
     // Flushes our acks; held messages are released for redelivery.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), token.shutdown()).await;
     Ok(summary)

@@ -110,19 +110,29 @@ pub async fn run<L: Lookup, D: DeadLetterSink>(
         loop {
             // Reap finished tasks so the set does not grow.
             while tasks.try_join_next().is_some() {}
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => {
-                    drain(&mut tasks, &abort, config.shutdown_timeout).await;
-                    flush(&token).await;
-                    break 'outer;
+            // The grace timer must not cancel `next()`: until the first message the SDK is
+            // still opening the StreamingPull, and dropping that open abandons a stream the
+            // service may just have handed a message to (it would then sit out its ack
+            // deadline). So the same `next()` future is polled until it yields.
+            let next = {
+                let next = stream.next();
+                tokio::pin!(next);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break None,
+                        _ = &mut grace, if !grace_done => {
+                            grace_done = true;
+                            mark_connected(&health, &subscription);
+                            backoff = reconnect_backoff();
+                        }
+                        next = &mut next => break Some(next),
+                    }
                 }
-                _ = &mut grace, if !grace_done => {
-                    grace_done = true;
-                    mark_connected(&health, &subscription);
-                    backoff = reconnect_backoff();
-                    continue;
-                }
-                next = stream.next() => next,
+            };
+            let Some(next) = next else {
+                drain(&mut tasks, &abort, config.shutdown_timeout).await;
+                flush(stream, &token).await;
+                break 'outer;
             };
             match next {
                 Some(Ok((message, handler))) => {
@@ -136,7 +146,7 @@ pub async fn run<L: Lookup, D: DeadLetterSink>(
                         _ = shutdown.cancelled() => {
                             handler.nack();
                             drain(&mut tasks, &abort, config.shutdown_timeout).await;
-                            flush(&token).await;
+                            flush(stream, &token).await;
                             break 'outer;
                         }
                     };
@@ -214,8 +224,16 @@ async fn drain(tasks: &mut JoinSet<()>, abort: &CancellationToken, timeout: Dura
     }
 }
 
-/// Sends pending acks and nacks before the process exits.
-async fn flush(token: &google_cloud_pubsub::subscriber::ShutdownToken) {
+/// Closes the stream, then sends pending acks and nacks before the process exits.
+///
+/// Called once every handler is settled, so nothing is lost by closing the stream first, and
+/// closing it first means the service cannot hand the messages we nack straight back to this
+/// dying stream, where they would sit unseen until their ack deadline ran out.
+async fn flush(
+    stream: google_cloud_pubsub::subscriber::MessageStream,
+    token: &google_cloud_pubsub::subscriber::ShutdownToken,
+) {
+    drop(stream);
     if tokio::time::timeout(Duration::from_secs(5), token.shutdown())
         .await
         .is_err()

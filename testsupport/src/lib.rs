@@ -4,3 +4,4 @@
 
 pub mod emulator;
 pub mod fake_api;
+pub mod fixtures;

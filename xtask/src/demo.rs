@@ -46,6 +46,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 const DLQ_TIMEOUT: Duration = Duration::from_secs(15);
 const STOP_TIMEOUT: Duration = Duration::from_secs(25);
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn digest(seed: &str) -> String {
     format!("sha256:{}", seed.repeat(64 / seed.len()))
@@ -292,7 +293,9 @@ pub fn run(args: &[String]) -> Result<()> {
             &format!("using PUBSUB_EMULATOR_HOST={host}"),
         ),
         None => steps.run("build the pstest emulator", || {
-            Ok(emulator::build_pstest()?).map(|_| ())
+            let bin = emulator::build_pstest()?;
+            eprintln!("pstest: {}", bin.display());
+            Ok(())
         })?,
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -394,7 +397,7 @@ impl Running {
     }
 
     /// SIGTERM, then wait; `None` if it had to be killed.
-    fn terminate(&mut self) -> Option<ExitStatus> {
+    async fn terminate(&mut self) -> Option<ExitStatus> {
         let mut child = self.daemon.take()?;
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -409,7 +412,7 @@ impl Running {
                 let _ = child.wait();
                 return None;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -420,6 +423,7 @@ async fn scenario(daemon_bin: &Path, external: Option<String>, opts: &Options) -
 
     let (emulator, pubsub_host) = match external {
         Some(host) => {
+            check_reachable(&host)?;
             println!(
                 "using the Pub/Sub emulator at PUBSUB_EMULATOR_HOST={host}; it must have \
                  projects/{PROJECT}/topics/{{{TOPIC},{DLQ_TOPIC}}} and the subscriptions \
@@ -484,10 +488,11 @@ async fn scenario(daemon_bin: &Path, external: Option<String>, opts: &Options) -
         for line in tail.iter().rev() {
             eprintln!("{line}");
         }
-        if env.daemon_exited().is_some() || env.daemon.is_none() {
+        if env.emulator.is_none() {
             eprintln!(
-                "hint: with PUBSUB_EMULATOR_HOST set, the topics and subscriptions must exist \
-                 (cargo xtask emulator --project {PROJECT})"
+                "hint: with PUBSUB_EMULATOR_HOST set, projects/{PROJECT}/topics/{TOPIC} and \
+                 {DLQ_TOPIC} and the subscriptions {SUB} and {DLQ_SUB} must exist; \
+                 `cargo xtask emulator --project {PROJECT}` starts such an emulator"
             );
         }
         env.dir.disable_cleanup(true);
@@ -529,9 +534,17 @@ async fn drive(
     let published = Instant::now();
     for sample in &samples {
         let msg = Message::new().set_data(bytes::Bytes::from(sample.data.clone()));
-        let id = publisher
-            .publish(msg)
+        // The client retries an unreachable endpoint forever: bound it.
+        let id = tokio::time::timeout(PUBLISH_TIMEOUT, publisher.publish(msg))
             .await
+            .map_err(|_| {
+                anyhow!(
+                    "publishing {} to {} timed out after {PUBLISH_TIMEOUT:?}; is the emulator \
+                     still running?",
+                    sample.what,
+                    env.pubsub_host
+                )
+            })?
             .with_context(|| format!("publishing {}", sample.what))?;
         println!("  {id:<6} {}", sample.what);
         ids.push(id);
@@ -573,7 +586,7 @@ async fn drive(
     let letters = pull_dead_letters(&env.endpoint(), &malformed_ids).await?;
 
     // Stop the daemon before reading the final state.
-    let status = env.terminate();
+    let status = env.terminate().await;
 
     let mut failures = Vec::new();
     let daemon_log = env.daemon_log();
@@ -760,6 +773,28 @@ async fn drive(
             println!("  - {f}");
         }
         bail!("{} unexpected outcome(s)", failures.len())
+    }
+}
+
+/// Fails early when nothing listens at `host`: the Pub/Sub client would retry forever, and
+/// the daemon would even report ready (its stream "connects" lazily).
+fn check_reachable(host: &str) -> Result<()> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = host
+        .to_socket_addrs()
+        .with_context(|| format!("PUBSUB_EMULATOR_HOST={host} is not HOST:PORT"))?
+        .collect();
+    if addrs
+        .iter()
+        .any(|a| TcpStream::connect_timeout(a, Duration::from_secs(2)).is_ok())
+    {
+        Ok(())
+    } else {
+        bail!(
+            "nothing listens at PUBSUB_EMULATOR_HOST={host}; start an emulator with \
+             `cargo xtask emulator --project {PROJECT} --addr {host}`, or unset \
+             PUBSUB_EMULATOR_HOST to let the demo start its own"
+        )
     }
 }
 

@@ -1,0 +1,122 @@
+//! In-process pipeline throughput: an in-memory source feeds the real parse → lookup → settle
+//! path (non-matching events, so no PATCH), with a kube client pointed at the fake API.
+//!
+//! `cargo bench --bench pipeline`
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use gar_restarter::config::DedupeMode;
+use gar_restarter::deadletter::{DeadLetter, DeadLetterSink, PublishError};
+use gar_restarter::index::Index;
+use gar_restarter::lookup::SharedIndex;
+use gar_restarter::metrics::Metrics;
+use gar_restarter::pipeline::{Inbound, Pipeline, PipelineConfig};
+use gar_restarter::restart::{Restarter, RetryPolicy};
+use gar_restarter::settle::{AckHandle, settle};
+use gar_testsupport::fake_api::FakeApi;
+use gar_testsupport::fixtures;
+
+struct NoopHandle;
+impl AckHandle for NoopHandle {
+    fn ack(self) {}
+    fn nack(self) {}
+}
+
+struct NullSink;
+impl DeadLetterSink for NullSink {
+    async fn publish(&self, _: DeadLetter) -> Result<String, PublishError> {
+        Ok(String::new())
+    }
+}
+
+const BATCH: usize = 10_000;
+
+fn bench(c: &mut Criterion) {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let api = rt.block_on(FakeApi::start()).expect("fake api");
+    let mut config = kube::Config::new(api.url().parse().expect("url"));
+    config.default_retry = false;
+    let client = rt
+        .block_on(async { kube::Client::try_from(config) })
+        .expect("client");
+    let index =
+        SharedIndex::new(Index::from_json(&fixtures::cache_json(10_000, 5)).expect("index"));
+    let metrics = Arc::new(Metrics::new());
+    let pipeline = Arc::new(Pipeline::new(
+        Arc::new(index),
+        Restarter::new(client, false, DedupeMode::Memory, RetryPolicy::default()),
+        metrics.clone(),
+        PipelineConfig {
+            max_attempts: 5,
+            dedupe_window: Duration::from_secs(600),
+        },
+    ));
+    // Events for images nobody runs: the whole path except the PATCH.
+    let messages: Vec<Inbound> = (0..BATCH)
+        .map(|i| Inbound {
+            id: format!("m{i}"),
+            data: Bytes::from(fixtures::gar_insert(100_000 + i, 0)),
+            attributes: HashMap::new(),
+            publish_time: None,
+            delivery_attempt: Some(1),
+        })
+        .collect();
+    let messages = Arc::new(messages);
+    let sink = Arc::new(NullSink);
+
+    let mut g = c.benchmark_group("pipeline");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.sample_size(20);
+    g.bench_function("non_matching_events", |b| {
+        b.to_async(&rt).iter(|| {
+            let pipeline = pipeline.clone();
+            let messages = messages.clone();
+            let sink = sink.clone();
+            let metrics = metrics.clone();
+            async move {
+                // Two workers, like the daemon's runtime on this 2-core machine.
+                let mut tasks = Vec::new();
+                for w in 0..2 {
+                    let (pipeline, messages, sink, metrics) = (
+                        pipeline.clone(),
+                        messages.clone(),
+                        sink.clone(),
+                        metrics.clone(),
+                    );
+                    tasks.push(tokio::spawn(async move {
+                        for msg in messages.iter().skip(w).step_by(2) {
+                            let attempt = pipeline.attempt(msg);
+                            let s = pipeline.process(msg, attempt).await;
+                            settle(
+                                s,
+                                msg,
+                                attempt,
+                                NoopHandle,
+                                &*sink,
+                                "projects/p/subscriptions/s",
+                                &metrics,
+                            )
+                            .await;
+                        }
+                    }));
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
