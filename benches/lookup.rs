@@ -20,6 +20,14 @@ fn bench(c: &mut Criterion) {
     let miss = ImageRef::parse("europe-west4-docker.pkg.dev/p/t/unknown:v1").expect("ref");
     let message = fixtures::gar_insert(4_321, 2);
 
+    let json = fixtures::cache_json(10_000, 5);
+    let mut g = c.benchmark_group("index");
+    g.sample_size(10);
+    g.bench_function("load_10k_workloads_50k_refs", |b| {
+        b.iter(|| black_box(Index::from_json(black_box(&json)).expect("index")))
+    });
+    g.finish();
+
     let mut g = c.benchmark_group("lookup");
     g.bench_function("hit", |b| b.iter(|| black_box(index.get(black_box(&hit)))));
     g.bench_function("miss", |b| {

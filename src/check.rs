@@ -31,8 +31,8 @@ impl From<&WorkloadRef> for CheckedWorkload {
     fn from(w: &WorkloadRef) -> Self {
         Self {
             kind: w.kind.as_str(),
-            namespace: w.namespace.clone(),
-            name: w.name.clone(),
+            namespace: w.namespace.to_string(),
+            name: w.name.to_string(),
         }
     }
 }

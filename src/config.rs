@@ -167,8 +167,8 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_in_flight: u32,
 
-    /// Time budget for in-process retries of transient API errors within one delivery; kept
-    /// well below the lease so a message is never redelivered while still being worked on.
+    /// Wall-clock budget for in-process retries of transient API errors within one delivery,
+    /// Retry-After waits included; past it the message is nacked for redelivery.
     #[arg(long, env = "GAR_RESTARTER_RETRY_BUDGET", value_name = "DURATION",
           default_value = "30s", value_parser = parse_duration)]
     pub retry_budget: Duration,

@@ -113,7 +113,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
             max_in_flight: args.max_in_flight as usize,
             shutdown_timeout: args.shutdown_timeout,
             // Retries stay within the budget; allow generous headroom beyond it.
-            max_lease_extension: (args.retry_budget * 4).max(Duration::from_secs(60)),
+            max_lease: (args.retry_budget * 4).max(Duration::from_secs(60)),
         },
         pipeline,
         sink,

@@ -62,6 +62,7 @@ pub struct Metrics {
     pub dead_letters: Family<KindLabels, Counter>,
     pub lookup_seconds: Family<SourceLabels, Histogram, fn() -> Histogram>,
     pub push_to_restart_seconds: Histogram,
+    pub receive_to_restart_seconds: Histogram,
     pub index_images: Gauge,
     pub index_workloads: Gauge,
     index_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -89,6 +90,8 @@ impl Metrics {
             dead_letters: Family::default(),
             lookup_seconds: Family::new_with_constructor(histogram_seconds),
             push_to_restart_seconds: histogram_seconds(),
+            // Fine buckets: this is the daemon's own share of the latency, in the ms range.
+            receive_to_restart_seconds: Histogram::new(exponential_buckets(0.000_1, 1.25, 40)),
             index_images: Gauge::default(),
             index_workloads: Gauge::default(),
             index_age_seconds: Gauge::default(),
@@ -129,6 +132,11 @@ impl Metrics {
             "push_to_restart_seconds",
             "From the message's publish time to the restart PATCH being accepted",
             m.push_to_restart_seconds.clone(),
+        );
+        registry.register(
+            "receive_to_restart_seconds",
+            "From the start of a message's processing to its restart PATCH being accepted",
+            m.receive_to_restart_seconds.clone(),
         );
         registry.register(
             "index_images",

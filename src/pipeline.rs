@@ -124,6 +124,7 @@ impl<L: Lookup> Pipeline<L> {
     }
 
     async fn process_inner(&self, msg: &Inbound, attempt: u32) -> Settlement {
+        let received = Instant::now();
         let parsed = {
             let _span = tracing::info_span!("parse", bytes = msg.data.len()).entered();
             event::parse(&msg.data)
@@ -223,7 +224,7 @@ impl<L: Lookup> Pipeline<L> {
                     .restarts
                     .get_or_create(&RestartLabels {
                         kind: w.kind.as_str(),
-                        namespace: w.namespace.clone(),
+                        namespace: w.namespace.to_string(),
                         result: label,
                     })
                     .inc();
@@ -233,6 +234,9 @@ impl<L: Lookup> Pipeline<L> {
                         if let Some(lag) = msg.publish_time.and_then(|t| t.elapsed().ok()) {
                             self.metrics.push_to_restart_seconds.observe(lag.as_secs_f64());
                         }
+                        self.metrics
+                            .receive_to_restart_seconds
+                            .observe(received.elapsed().as_secs_f64());
                         tracing::info!(workload = %w, image = %tag, digest, "restarted");
                     }
                     Ok(RestartOutcome::AlreadyAtDigest) => self.done.insert(key, ()),

@@ -37,7 +37,8 @@ impl Health {
 
 /// A stream that has not failed within this long after opening is considered connected; an
 /// idle but healthy subscription delivers nothing, so there is no positive signal to wait for.
-const CONNECT_GRACE: Duration = Duration::from_secs(1);
+/// A missing subscription fails the stream within milliseconds, well inside this.
+const CONNECT_GRACE: Duration = Duration::from_millis(100);
 
 /// The ack deadline requested for received messages and for each lease extension. The SDK
 /// extends leases every 3 s, so this leaves ample slack, while a replica that is SIGKILLed or
@@ -50,10 +51,9 @@ pub struct SourceConfig {
     pub max_in_flight: usize,
     pub shutdown_timeout: Duration,
     /// How long a received message may be held in total: the SDK keeps extending its lease
-    /// until then (`set_max_lease`). Despite the name this is *not* the SDK's
-    /// `max_lease_extension`, which is the deadline of each extension and so the delay before
-    /// a crashed replica's messages are redelivered; that one is [`LEASE_EXTENSION`].
-    pub max_lease_extension: Duration,
+    /// until then (`set_max_lease`). Not the SDK's `max_lease_extension`, which is the
+    /// deadline of each extension; that one is [`LEASE_EXTENSION`].
+    pub max_lease: Duration,
 }
 
 pub fn inbound(message: &Message, delivery_attempt: Option<i32>) -> Inbound {
@@ -98,7 +98,7 @@ pub async fn run<L: Lookup, D: DeadLetterSink>(
         first = false;
         let mut stream = subscriber
             .subscribe(subscription.as_str())
-            .set_max_lease(config.max_lease_extension)
+            .set_max_lease(config.max_lease)
             .set_max_lease_extension(LEASE_EXTENSION)
             .set_max_outstanding_messages(config.max_in_flight as i64 * 2)
             .set_shutdown_behavior(ShutdownBehavior::NackImmediately)

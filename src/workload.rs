@@ -1,6 +1,7 @@
 //! The workloads gar-restarter can restart, and the images their pod templates run.
 
 use std::fmt;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::PodSpec;
 use serde::{Deserialize, Serialize};
@@ -52,12 +53,15 @@ impl fmt::Display for WorkloadKind {
 }
 
 /// One workload as the index stores it. Field names follow the `cache.json` format.
+///
+/// Names are shared `Arc<str>`: a workload running five images appears under five keys, and
+/// the index holds tens of thousands of these.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct WorkloadRef {
     #[serde(default, skip_serializing_if = "is_deployment")]
     pub kind: WorkloadKind,
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     /// A paused Deployment is not restarted (kubectl refuses it too); recorded at index time
     /// so that skipping it costs no API call.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -72,8 +76,8 @@ impl WorkloadRef {
     pub fn new(kind: WorkloadKind, namespace: &str, name: &str) -> Self {
         Self {
             kind,
-            namespace: namespace.to_string(),
-            name: name.to_string(),
+            namespace: Arc::from(namespace),
+            name: Arc::from(name),
             paused: false,
         }
     }

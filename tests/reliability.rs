@@ -62,6 +62,10 @@ async fn sigkill_during_a_stream_loses_no_event() {
             &[&gar(&format!("svc{i}:v1"))],
         ));
     }
+    // Slow PATCHes keep a handful of messages in flight (received, not yet acked) at any time,
+    // so every kill catches some mid-restart.
+    h.api
+        .add_fault(Fault::delay("/deployments/", Duration::from_millis(150)).on_method("PATCH"));
     h.start_daemon().await;
 
     let mut expected = HashSet::new();
@@ -97,9 +101,10 @@ async fn sigkill_during_a_stream_loses_no_event() {
             })
             .await
         );
+        let in_flight = h.metric("gar_restarter_in_flight");
         h.kill_daemon();
         let sent = published.load(Ordering::SeqCst);
-        at_kill.push((sent, accepted_patches(&h.api).len()));
+        at_kill.push((sent, accepted_patches(&h.api).len(), in_flight));
         assert!(
             sent < EVENTS,
             "kill {threshold} landed after the stream ended"
@@ -107,6 +112,10 @@ async fn sigkill_during_a_stream_loses_no_event() {
         h.start_daemon().await;
     }
     let last_kill = Instant::now();
+    assert!(
+        at_kill.iter().any(|(_, _, in_flight)| *in_flight > 0.0),
+        "no kill caught a message in flight: {at_kill:?}"
+    );
     tokio::time::timeout(Duration::from_secs(30), publishing)
         .await
         .expect("publishing finishes")
@@ -124,7 +133,7 @@ async fn sigkill_during_a_stream_loses_no_event() {
     );
     let accepted = accepted_patches(&h.api).len();
     eprintln!(
-        "kill test: (published, accepted PATCHes) at each kill {at_kill:?}; all {EVENTS} pairs \
+        "kill test: (published, accepted PATCHes, in flight) at each kill {at_kill:?}; all {EVENTS} pairs \
          done {:.1}s after the last kill; {accepted} accepted PATCHes in total ({} duplicates \
          from redelivery after a kill)",
         last_kill.elapsed().as_secs_f64(),

@@ -27,7 +27,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -171,6 +171,8 @@ pub struct RecordedRequest {
     pub body: Option<Value>,
     /// Status code of the response that was sent (including injected faults).
     pub status: u16,
+    /// When the request head arrived, for latency measurements.
+    pub received_at: Instant,
 }
 
 impl RecordedRequest {
@@ -1968,6 +1970,7 @@ impl Shared {
     }
 
     async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let received_at = Instant::now();
         let (parts, body) = request.into_parts();
         let method = parts.method.as_str().to_owned();
         let path = parts.uri.path().to_owned();
@@ -2017,6 +2020,7 @@ impl Shared {
             content_type,
             body: recorded_body,
             status: reply.status,
+            received_at,
         });
         drop(state);
         reply.into_response()

@@ -1,5 +1,6 @@
 //! Developer tasks for gar-restarter, run as `cargo xtask <task>` (alias in .cargo/config.toml).
 
+mod bench;
 mod demo;
 mod emulator;
 mod test;
@@ -15,6 +16,8 @@ tasks:
              doc tests and deploy/validate.sh (see `cargo xtask test --help`)
   demo       the real daemon against pstest and a fake Kubernetes API, fed sample GAR
              events; reports what was restarted and why (see `cargo xtask demo --help`)
+  bench      end-to-end figures for the release binary: push→PATCH latency, API calls per
+             event, RSS, start-up time, binary size (see BENCHMARKS.md)
   emulator   the pstest Pub/Sub emulator in the foreground, set up for config/local.toml
              (see `cargo xtask emulator --help`)";
 
@@ -23,6 +26,7 @@ fn main() -> ExitCode {
     let rest = args.get(1..).unwrap_or_default();
     let result = match args.first().map(String::as_str) {
         Some("test") => test::run(rest),
+        Some("bench") => bench::run(rest),
         Some("demo") => demo::run(rest),
         Some("emulator") => emulator::run(rest),
         None | Some("help" | "-h" | "--help") => {

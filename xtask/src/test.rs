@@ -95,7 +95,12 @@ fn run_steps(opts: &Options, nextest: bool, steps: &mut Steps) -> Result<()> {
 
     if opts.lint {
         steps.run("cargo fmt --all --check", || {
-            util::run(cargo().args(["fmt", "--all", "--check"]))
+            let mut cmd = cargo();
+            cmd.args(["fmt", "--all", "--check"]);
+            if no_color() {
+                cmd.args(["--", "--color", "never"]);
+            }
+            util::run(&mut cmd)
         })?;
         steps.run("cargo clippy", || {
             util::run(cargo().args([
@@ -156,6 +161,12 @@ fn run_steps(opts: &Options, nextest: bool, steps: &mut Steps) -> Result<()> {
         steps.skip("bash deploy/validate.sh", "--skip-deploy");
     }
     Ok(())
+}
+
+/// Whether colours are off (CI sets `CARGO_TERM_COLOR=never`); rustfmt's diff ignores it.
+fn no_color() -> bool {
+    std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty())
+        || std::env::var("CARGO_TERM_COLOR").is_ok_and(|v| v == "never")
 }
 
 /// The Debian packages missing for the tests (empty when all is there).

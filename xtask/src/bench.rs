@@ -1,0 +1,329 @@
+//! `cargo xtask bench`: end-to-end figures for the release binary on loopback.
+//!
+//! pstest (Google's fake Pub/Sub) and the fake Kubernetes API run locally; the daemon runs
+//! as its own process with a 10,000-workload / 50,000-ref index mounted kubelet-style.
+//! Bounded: about a minute after the build. Prints one table.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use gar_testsupport::emulator::Emulator;
+use gar_testsupport::fake_api::{FakeApi, daemonset, deployment, statefulset};
+use gar_testsupport::fixtures;
+use google_cloud_pubsub::client::BasePublisher;
+use google_cloud_pubsub::model::Message;
+
+use crate::util;
+
+const PROJECT: &str = "bench-project";
+const WORKLOADS: usize = 10_000;
+const IMAGES_PER_WORKLOAD: usize = 5;
+/// Matched events per latency run, published at a steady rate below pstest's 100 msg/s tick.
+const EVENTS: usize = 400;
+const RATE_PER_SEC: u64 = 40;
+const STARTS: usize = 5;
+
+pub fn run(args: &[String]) -> Result<()> {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!(
+            "cargo xtask bench\n\nBuilds the release binary and prints end-to-end figures: push→PATCH latency on pstest, in-daemon latency, API calls per event, RSS with 10,000 workloads indexed, start-up time and binary size."
+        );
+        return Ok(());
+    }
+    let root = util::repo_root();
+    println!("building the release binary...");
+    util::run(
+        util::cargo()
+            .args(["build", "--release", "--workspace", "--bins"])
+            .current_dir(&root),
+    )?;
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|_| root.join("target"));
+    let binary = target.join("release/gar-restarter");
+    let size = std::fs::metadata(&binary).context("release binary")?.len();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(bench(&binary, size))
+}
+
+struct Daemon {
+    child: Child,
+    metrics: SocketAddr,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn start_daemon(
+    binary: &Path,
+    emu: &Emulator,
+    kubeconfig: &Path,
+    cache: &Path,
+    log: &Path,
+) -> Result<(Daemon, Duration)> {
+    let metrics = free_addr()?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let started = Instant::now();
+    let child = Command::new(binary)
+        .args([
+            "run",
+            "--subscription",
+            &emu.subscription("gcr-sub"),
+            "--dead-letter-topic",
+            &emu.topic("dlq"),
+        ])
+        .args([
+            "--metrics-addr",
+            &metrics.to_string(),
+            "--cache-configmap",
+            "gar-restarter/gar-restarter-cache",
+        ])
+        .arg("--cache-dir")
+        .arg(cache)
+        .args(["--log-format", "text"])
+        .env("PUBSUB_EMULATOR_HOST", emu.host())
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "warn")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .spawn()?;
+    let daemon = Daemon { child, metrics };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((200, _)) = util_http_get(metrics, "/readyz") {
+            return Ok((daemon, started.elapsed()));
+        }
+        if Instant::now() > deadline {
+            bail!("daemon not ready within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn util_http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, buf.split_once("\r\n\r\n")?.1.to_string()))
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// p-quantile upper bound from a Prometheus histogram's cumulative buckets.
+fn histogram_quantile(metrics: &str, name: &str, p: f64) -> Option<f64> {
+    let mut buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{name}_bucket{{le=\"")))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    buckets
+        .iter()
+        .find(|(_, c)| *c >= total * p)
+        .map(|(le, _)| *le)
+}
+
+/// The kubelet layout: `..data` → timestamped dir, `cache.json` → `..data/cache.json`.
+fn mount_index(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::symlink;
+    let ts = dir.join("..2026_11_25_00_00_00.000000001");
+    std::fs::create_dir_all(&ts)?;
+    std::fs::write(
+        ts.join("cache.json"),
+        fixtures::cache_json(WORKLOADS, IMAGES_PER_WORKLOAD),
+    )?;
+    symlink("..2026_11_25_00_00_00.000000001", dir.join("..data"))?;
+    symlink("..data/cache.json", dir.join("cache.json"))?;
+    Ok(())
+}
+
+async fn bench(binary: &Path, binary_size: u64) -> Result<()> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let emu = Emulator::start(PROJECT, &["gcr", "dlq"], &[("gcr-sub", "gcr")]).await?;
+    let api = FakeApi::start().await?;
+    let tmp = tempfile::tempdir()?;
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let cache = tmp.path().join("cache");
+    std::fs::create_dir_all(&cache)?;
+    mount_index(&cache)?;
+    // The workloads the events target exist in the fake API, kinds as the fixture assigns them.
+    let kinds = [deployment, statefulset, daemonset];
+    for i in 0..EVENTS {
+        api.insert(kinds[i % 3](
+            &format!("ns-{}", i % 200),
+            &format!("service-{i}"),
+            &[&fixtures::image(i, 0)],
+        ));
+    }
+    let log = tmp.path().join("daemon.log");
+
+    // Start-up: spawn → /readyz 200 with the mounted index, several times.
+    let mut starts = Vec::new();
+    for _ in 0..STARTS {
+        let (d, t) = start_daemon(binary, &emu, &kubeconfig, &cache, &log)?;
+        starts.push(t.as_secs_f64() * 1e3);
+        drop(d);
+    }
+    starts.sort_by(f64::total_cmp);
+    let (daemon, _) = start_daemon(binary, &emu, &kubeconfig, &cache, &log)?;
+    let rss_idle = rss_mb(daemon.child.id());
+    if !api.requests().is_empty() {
+        bail!(
+            "start-up from the mount made API calls: {:?}",
+            api.requests().len()
+        );
+    }
+
+    // Latency: steady publishing of matched events, one workload each.
+    let publisher = BasePublisher::builder()
+        .with_endpoint(emu.endpoint())
+        .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build())
+        .build()
+        .await?
+        .publisher(emu.topic("gcr"))
+        .set_delay_threshold(Duration::ZERO)
+        .build();
+    let mut sent: HashMap<String, Instant> = HashMap::new();
+    let period = Duration::from_micros(1_000_000 / RATE_PER_SEC);
+    let load_started = Instant::now();
+    for i in 0..EVENTS {
+        let data = fixtures::gar_insert(i, 0);
+        let digest = format!("sha256:{:064x}", i * 1000);
+        sent.insert(digest, Instant::now());
+        publisher
+            .publish(Message::new().set_data(bytes::Bytes::from(data)))
+            .await?;
+        let next = load_started + period * (i as u32 + 1);
+        tokio::time::sleep_until(next.into()).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while api.patches().len() < EVENTS && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let patches = api.patches();
+    let mut latencies: Vec<f64> = patches
+        .iter()
+        .filter_map(|p| {
+            let d = p.body.as_ref()?["spec"]["template"]["metadata"]["annotations"]["gar-restarter/digest"].as_str()?;
+            Some(p.received_at.checked_duration_since(*sent.get(d)?)?.as_secs_f64() * 1e3)
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let other_calls = api
+        .requests()
+        .iter()
+        .filter(|r| r.method != "PATCH")
+        .count();
+    let metrics = util_http_get(daemon.metrics, "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let in_daemon_p50 =
+        histogram_quantile(&metrics, "gar_restarter_receive_to_restart_seconds", 0.5);
+    let in_daemon_p99 =
+        histogram_quantile(&metrics, "gar_restarter_receive_to_restart_seconds", 0.99);
+    let rss_loaded = rss_mb(daemon.child.id());
+    drop(daemon);
+
+    let ms = |v: Option<f64>| {
+        v.map(|s| format!("≤ {:.2} ms", s * 1e3))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    println!();
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!(
+        "| index | {WORKLOADS} workloads, {} refs, mounted |",
+        WORKLOADS * IMAGES_PER_WORKLOAD
+    );
+    println!(
+        "| push → PATCH on pstest, {EVENTS} events at {RATE_PER_SEC}/s | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms |",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "| receive → PATCH accepted, in the daemon (histogram bucket bound) | p50 {}, p99 {} |",
+        ms(in_daemon_p50),
+        ms(in_daemon_p99)
+    );
+    println!("| restarts completed | {} / {EVENTS} |", latencies.len());
+    println!(
+        "| API calls per event | {:.2} PATCH, {:.2} other (lookups) |",
+        patches.len() as f64 / EVENTS as f64,
+        other_calls as f64 / EVENTS as f64
+    );
+    println!("| RSS after start / after the run | {rss_idle:.1} MB / {rss_loaded:.1} MB |");
+    println!(
+        "| start → ready (mounted index), {STARTS} runs | p50 {:.0} ms, max {:.0} ms |",
+        percentile(&starts, 0.5),
+        starts.last().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "| release binary | {:.1} MB |",
+        binary_size as f64 / 1_048_576.0
+    );
+    if latencies.len() < EVENTS {
+        bail!(
+            "only {} of {EVENTS} events were restarted; see {}",
+            latencies.len(),
+            log.display()
+        );
+    }
+    Ok(())
+}
