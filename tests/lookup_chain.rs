@@ -514,3 +514,45 @@ async fn statefulsets_and_daemonsets_are_restarted_and_opt_outs_are_not() {
         (None, None)
     );
 }
+
+#[tokio::test]
+async fn cache_rebuild_subcommand_writes_the_configmap_and_reports_counts() {
+    let api = FakeApi::start().await.unwrap();
+    api.insert(deployment("prod", "api", &[&gar("app:v1"), "redis:7"]));
+    api.insert(daemonset("ops", "agent", &[&gar("agent:v2")]));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_gar-restarter"))
+            .args([
+                "cache",
+                "rebuild",
+                "--cache-configmap",
+                &format!("{CM_NS}/{CM_NAME}"),
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["workloads"], 2);
+    assert_eq!(report["refs"], 3);
+    assert_eq!(report["form"], "plain");
+    assert_eq!(report["result"], "created");
+    assert!(report["bytes"].as_u64().unwrap() > 0);
+    let stored = Store::new(client(&api), cm_target())
+        .read()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.workload_count(), 2);
+    assert!(stored.get(&ImageRef::parse("redis:7").unwrap()).is_some());
+}
