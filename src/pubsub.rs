@@ -32,6 +32,18 @@ pub fn emulator_endpoint() -> Option<String> {
         })
 }
 
+/// `host:port` the subscriber connects to, for the readiness reachability probe.
+pub fn endpoint_authority() -> String {
+    match emulator_endpoint() {
+        Some(e) => e
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_string(),
+        None => "pubsub.googleapis.com:443".to_string(),
+    }
+}
+
 fn target() -> String {
     emulator_endpoint()
         .map(|e| format!(" for emulator {e}"))

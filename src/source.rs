@@ -104,7 +104,7 @@ pub async fn run<L: Lookup, D: DeadLetterSink>(
             .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
             .build();
         let token = stream.shutdown_token();
-        let grace = tokio::time::sleep(CONNECT_GRACE);
+        let grace = connected_after_grace(crate::pubsub::endpoint_authority(), &subscription);
         tokio::pin!(grace);
         let mut grace_done = false;
         loop {
@@ -183,6 +183,34 @@ pub async fn run<L: Lookup, D: DeadLetterSink>(
     }
     health.stream_connected.store(false, Ordering::Relaxed);
     drain(&mut tasks, &abort, config.shutdown_timeout).await;
+}
+
+/// Resolves once a new stream has gone `CONNECT_GRACE` without failing *and* the endpoint
+/// accepts TCP connections. The SDK retries refused connections silently, so "no error yet"
+/// alone would report ready while Pub/Sub is unreachable.
+async fn connected_after_grace(authority: String, subscription: &str) {
+    tokio::time::sleep(CONNECT_GRACE).await;
+    let mut warned = false;
+    loop {
+        let probe = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect(authority.as_str()),
+        )
+        .await;
+        match probe {
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) if !warned => {
+                tracing::warn!(subscription, endpoint = %authority, error = %e, "Pub/Sub endpoint unreachable; not ready");
+                warned = true;
+            }
+            Err(_) if !warned => {
+                tracing::warn!(subscription, endpoint = %authority, "Pub/Sub endpoint did not answer within 2 s; not ready");
+                warned = true;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 fn mark_connected(health: &Health, subscription: &str) {

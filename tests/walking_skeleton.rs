@@ -185,3 +185,30 @@ async fn digest_pinned_deployment_is_not_restarted_and_short_names_match() {
         vec!["/apis/apps/v1/namespaces/prod/deployments/web".to_string()]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_while_pubsub_is_unreachable() {
+    let mut h = Harness::new().await;
+    // Nothing listens there: the SDK retries silently, readiness must not pretend otherwise.
+    h.extra_env.push((
+        "PUBSUB_EMULATOR_HOST".into(),
+        format!("127.0.0.1:{}", free_port()),
+    ));
+    h.daemon = Some(h.daemon_command().spawn().expect("spawn"));
+    assert!(
+        wait_until(Duration::from_secs(10), || matches!(
+            http_get(h.metrics_addr, "/healthz"),
+            Some((200, _))
+        ))
+        .await
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (code, body) = http_get(h.metrics_addr, "/readyz").expect("readyz answers");
+    assert_eq!(code, 503, "{body}\n{}", h.daemon_log());
+    assert!(body.contains("stream_connected=false"), "{body}");
+    assert!(
+        h.daemon_log().contains("Pub/Sub endpoint unreachable"),
+        "{}",
+        h.daemon_log()
+    );
+}
