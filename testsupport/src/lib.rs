@@ -5,3 +5,4 @@
 pub mod emulator;
 pub mod fake_api;
 pub mod fixtures;
+pub mod http;

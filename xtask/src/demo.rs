@@ -2,7 +2,6 @@
 //! Kubernetes API, fed a handful of sample GAR events; prints what happened and why.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -941,20 +940,8 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-/// Minimal HTTP/1.1 GET; returns (status, body).
 fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    stream.read_to_string(&mut buf).ok()?;
-    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((status, body))
+    gar_testsupport::http::get_status_body(addr, path)
 }
 
 /// `ns/name` of a workload API path like `/apis/apps/v1/namespaces/ns/deployments/name`.
