@@ -65,28 +65,7 @@ impl Harness {
     /// Starts the emulator (topic `gcr`, dead-letter topic and their subscriptions) and the
     /// fake API server. The daemon is started separately so tests can seed objects first.
     pub async fn new() -> Harness {
-        init_crypto();
-        let emulator = Emulator::start(
-            PROJECT,
-            &[TOPIC, DLQ_TOPIC],
-            &[(SUB, TOPIC), (DLQ_SUB, DLQ_TOPIC)],
-        )
-        .await
-        .expect("start pstest emulator");
-        let api = FakeApi::start().await.expect("start fake API");
-        let dir = tempfile::tempdir().expect("tempdir");
-        api.write_kubeconfig(&dir.path().join("kubeconfig"))
-            .expect("kubeconfig");
-        Harness {
-            emulator,
-            api,
-            dir,
-            daemon: None,
-            metrics_addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            extra_args: Vec::new(),
-            extra_env: Vec::new(),
-            publisher: None,
-        }
+        Harness::with_subscriptions(&[]).await
     }
 
     pub fn subscription(&self) -> String {
