@@ -65,24 +65,18 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
 
     let client = cluster::client_with_metrics(metrics.clone()).await?;
     let chain = CacheChain::new(client.clone(), chain_config(&args.scope), metrics.clone());
-    // The index must be loaded before messages are taken; stay not-ready until it is.
-    let mut delay = Duration::from_millis(500);
-    loop {
-        match chain.init().await {
-            Ok(origin) => {
-                tracing::info!(origin = origin.as_str(), "index ready");
-                health.index_loaded.store(true, Ordering::Relaxed);
-                break;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, ?delay, "no index yet (mount, ConfigMap and rebuild all failed); retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
-        }
+    // The index load (CPU: parsing the mounted file) and the Pub/Sub clients (network and
+    // credentials) are independent, so they overlap; messages are still only taken once
+    // both are done. A Pub/Sub error ends start-up at once, even while the index retries.
+    let pubsub_clients = async {
+        let sink = PubSubDeadLetters::new(&args.dead_letter_topic).await?;
+        let subscriber = pubsub::subscriber().await?;
+        Ok::<_, DaemonError>((sink, subscriber))
+    };
+    let (loaded, (sink, subscriber)) =
+        tokio::try_join!(load_index(&chain, &health, &shutdown), pubsub_clients)?;
+    if !loaded {
+        return Ok(());
     }
     chain.spawn_background(shutdown.clone());
     let index = Arc::new(chain);
@@ -101,8 +95,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
             dedupe_window: args.dedupe_window,
         },
     ));
-    let sink = Arc::new(PubSubDeadLetters::new(&args.dead_letter_topic).await?);
-    let subscriber = pubsub::subscriber().await?;
+    let sink = Arc::new(sink);
     if let Some(endpoint) = pubsub::emulator_endpoint() {
         tracing::info!(%endpoint, "using the Pub/Sub emulator (PUBSUB_EMULATOR_HOST)");
     }
@@ -124,6 +117,33 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
     .await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Loads the first index (mount → ConfigMap → rebuild), retrying with backoff; the daemon
+/// stays not-ready meanwhile. `Ok(false)`: shutdown was requested before it succeeded.
+async fn load_index(
+    chain: &CacheChain,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> Result<bool, DaemonError> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match chain.init().await {
+            Ok(origin) => {
+                tracing::info!(origin = origin.as_str(), "index ready");
+                health.index_loaded.store(true, Ordering::Relaxed);
+                return Ok(true);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ?delay, "no index yet (mount, ConfigMap and rebuild all failed); retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(false),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
 }
 
 /// Cancels `token` on SIGTERM or SIGINT.

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
-use crate::image::{ImageRef, ImageRefError};
+use crate::image::{ImageRef, ImageRefError, Parsed};
 
 /// Pub/Sub allows 10 MB, but a GAR event is a few hundred bytes: anything this big is not one.
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
@@ -95,7 +95,7 @@ pub fn parse(data: &[u8]) -> Result<Event, ParseError> {
                 } else {
                     "tag"
                 };
-                ImageRef::parse(&reference)
+                Parsed::new(&reference)
                     .map_err(|source| ParseError::BadReference { field, source })?;
                 Ok(Event::Delete { reference })
             }
@@ -108,25 +108,29 @@ fn parse_insert(
     tag: Option<Cow<'_, str>>,
     digest: Option<Cow<'_, str>>,
 ) -> Result<Event, ParseError> {
+    // Validated borrowed first; only the reference the event keeps is built.
     let digest_ref = digest
+        .as_deref()
         .map(|d| {
-            let r = ImageRef::parse(&d).map_err(|source| ParseError::BadReference {
+            let r = Parsed::new(d).map_err(|source| ParseError::BadReference {
                 field: "digest",
                 source,
             })?;
             if r.digest().is_none() {
-                return Err(ParseError::DigestWithoutDigest(d.into_owned()));
+                return Err(ParseError::DigestWithoutDigest(d.to_string()));
             }
             Ok(r)
         })
         .transpose()?;
     let Some(tag) = tag else {
         return match digest_ref {
-            Some(digest) => Ok(Event::InsertDigestOnly { digest }),
+            Some(digest) => Ok(Event::InsertDigestOnly {
+                digest: digest.to_image_ref(),
+            }),
             None => Err(ParseError::NoReference { action: "INSERT" }),
         };
     };
-    let tag_ref = ImageRef::parse(&tag).map_err(|source| ParseError::BadReference {
+    let tag_ref = Parsed::new(&tag).map_err(|source| ParseError::BadReference {
         field: "tag",
         source,
     })?;
@@ -134,15 +138,15 @@ fn parse_insert(
         return Err(ParseError::TagIsDigest(tag.into_owned()));
     }
     if let Some(d) = &digest_ref
-        && d.name() != tag_ref.name()
+        && !d.same_name(&tag_ref)
     {
         return Err(ParseError::RepositoryMismatch {
-            tag: tag_ref.to_string(),
-            digest: d.to_string(),
+            tag: tag_ref.to_image_ref().to_string(),
+            digest: d.to_image_ref().to_string(),
         });
     }
     Ok(Event::Insert {
-        tag: tag_ref,
+        tag: tag_ref.to_image_ref(),
         digest: digest_ref.and_then(|d| d.digest().map(str::to_string)),
     })
 }

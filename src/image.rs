@@ -28,53 +28,47 @@ pub enum ImageRefError {
     Invalid { input: String, reason: String },
 }
 
-/// What a normalised reference points at.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Target {
-    Tag(String),
-    Digest(String),
-}
-
 /// A fully normalised image reference, e.g. `docker.io/library/nginx:latest`.
+///
+/// Only the canonical string is stored; name, tag and digest are slices of it. One allocation
+/// per reference keeps parse + normalise + lookup of a GAR message within its 2 µs budget.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ImageRef {
-    /// `registry/repository`, e.g. `us-west1-docker.pkg.dev/p/r/app`.
-    name: String,
-    target: Target,
-    /// The canonical string, cached because it is the index key on the hot path.
+    /// `registry/repository` followed by `:tag` or `@digest`: the index key on the hot path.
     canonical: String,
+    /// Length of `registry/repository`; the separator (`:` or `@`) follows it.
+    name_len: usize,
 }
 
 impl ImageRef {
     pub fn parse(input: &str) -> Result<Self, ImageRefError> {
-        let trimmed = input.trim();
-        if trimmed.is_empty() {
-            return Err(ImageRefError::Empty(input.to_string()));
-        }
-        parse_normalized(trimmed).map_err(|reason| ImageRefError::Invalid {
-            input: input.to_string(),
-            reason: reason.to_string(),
-        })
+        Ok(Parsed::new(input)?.to_image_ref())
     }
 
     /// `registry/repository` without tag or digest.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.canonical[..self.name_len]
     }
 
-    pub fn target(&self) -> &Target {
-        &self.target
+    /// What the reference points at.
+    pub fn target(&self) -> Target<'_> {
+        let rest = &self.canonical[self.name_len + 1..];
+        if self.canonical.as_bytes()[self.name_len] == b'@' {
+            Target::Digest(rest)
+        } else {
+            Target::Tag(rest)
+        }
     }
 
     pub fn tag(&self) -> Option<&str> {
-        match &self.target {
+        match self.target() {
             Target::Tag(t) => Some(t),
             Target::Digest(_) => None,
         }
     }
 
     pub fn digest(&self) -> Option<&str> {
-        match &self.target {
+        match self.target() {
             Target::Digest(d) => Some(d),
             Target::Tag(_) => None,
         }
@@ -86,7 +80,83 @@ impl ImageRef {
     }
 }
 
-fn parse_normalized(s: &str) -> Result<ImageRef, &'static str> {
+/// A validated reference still borrowed from its input: its parts are known, nothing is
+/// allocated. The parse stage compares a message's tag and digest references through this and
+/// builds an [`ImageRef`] only for the one it keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parsed<'a> {
+    domain: &'a str,
+    /// Docker Hub's implicit `library/` before a single-component path.
+    library: bool,
+    path: &'a str,
+    target: Target<'a>,
+}
+
+/// What a normalised reference points at: a tag, or a digest (`sha256:…`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'a> {
+    Tag(&'a str),
+    Digest(&'a str),
+}
+
+impl<'a> Parsed<'a> {
+    pub fn new(input: &'a str) -> Result<Self, ImageRefError> {
+        let trimmed = input.trim();
+        if trimmed.is_empty() {
+            return Err(ImageRefError::Empty(input.to_string()));
+        }
+        parse_normalized(trimmed).map_err(|reason| ImageRefError::Invalid {
+            input: input.to_string(),
+            reason: reason.to_string(),
+        })
+    }
+
+    pub fn tag(&self) -> Option<&'a str> {
+        match self.target {
+            Target::Tag(t) => Some(t),
+            Target::Digest(_) => None,
+        }
+    }
+
+    pub fn digest(&self) -> Option<&'a str> {
+        match self.target {
+            Target::Digest(d) => Some(d),
+            Target::Tag(_) => None,
+        }
+    }
+
+    /// Whether both name the same normalised repository (`registry/repository`).
+    pub fn same_name(&self, other: &Parsed<'_>) -> bool {
+        self.domain == other.domain && self.library == other.library && self.path == other.path
+    }
+
+    fn name_len(&self) -> usize {
+        self.domain.len() + 1 + if self.library { 8 } else { 0 } + self.path.len()
+    }
+
+    pub fn to_image_ref(&self) -> ImageRef {
+        let name_len = self.name_len();
+        let (separator, target) = match self.target {
+            Target::Tag(t) => (':', t),
+            Target::Digest(d) => ('@', d),
+        };
+        let mut canonical = String::with_capacity(name_len + 1 + target.len());
+        canonical.push_str(self.domain);
+        canonical.push('/');
+        if self.library {
+            canonical.push_str("library/");
+        }
+        canonical.push_str(self.path);
+        canonical.push(separator);
+        canonical.push_str(target);
+        ImageRef {
+            canonical,
+            name_len,
+        }
+    }
+}
+
+fn parse_normalized(s: &str) -> Result<Parsed<'_>, &'static str> {
     if s.len() > MAX_REFERENCE_LEN {
         return Err("longer than 512 characters");
     }
@@ -123,39 +193,21 @@ fn parse_normalized(s: &str) -> Result<ImageRef, &'static str> {
     if !library && domain == "docker.io" && path.len() == 64 && is_hex(path) {
         return Err("a 64-character hex string is an image ID, not a repository");
     }
-    let name_len = domain.len() + 1 + if library { 8 } else { 0 } + path.len();
-    if name_len > MAX_NAME_LEN {
+    let target = match (digest, tag) {
+        (Some(d), _) => Target::Digest(d),
+        (None, Some(t)) => Target::Tag(t),
+        (None, None) => Target::Tag("latest"),
+    };
+    let parsed = Parsed {
+        domain,
+        library,
+        path,
+        target,
+    };
+    if parsed.name_len() > MAX_NAME_LEN {
         return Err("repository name longer than 255 characters");
     }
-    let mut full = String::with_capacity(name_len);
-    full.push_str(domain);
-    full.push('/');
-    if library {
-        full.push_str("library/");
-    }
-    full.push_str(path);
-    let target = match (digest, tag) {
-        (Some(d), _) => Target::Digest(d.to_string()),
-        (None, Some(t)) => Target::Tag(t.to_string()),
-        (None, None) => Target::Tag("latest".to_string()),
-    };
-    let mut canonical = String::with_capacity(name_len + 80);
-    canonical.push_str(&full);
-    match &target {
-        Target::Tag(t) => {
-            canonical.push(':');
-            canonical.push_str(t);
-        }
-        Target::Digest(d) => {
-            canonical.push('@');
-            canonical.push_str(d);
-        }
-    }
-    Ok(ImageRef {
-        name: full,
-        target,
-        canonical,
-    })
+    Ok(parsed)
 }
 
 /// Docker's `splitDockerDomain`: the first component is a registry host if it has a dot or

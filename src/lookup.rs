@@ -68,9 +68,9 @@ impl SharedIndex {
         self.current.store(Arc::new(index));
     }
 
-    /// The hot path: one hash lookup, no allocation, no API call.
+    /// The hot path: one hash lookup and no API call; a miss allocates nothing.
     pub fn get(&self, image: &ImageRef) -> Option<Arc<[WorkloadRef]>> {
-        self.current.load().get(image).cloned()
+        self.current.load().get(image)
     }
 }
 

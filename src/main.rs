@@ -8,7 +8,9 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = Cli::load().unwrap_or_else(|e| e.exit());
-    // kube asks for ring, the Google SDK for aws-lc: pick one explicitly for the process.
+    // aws-lc-rs is the only provider compiled in (kube is built with it, like the Google
+    // SDK); installing it explicitly keeps a dependency that someday enables ring as well
+    // from making rustls' choice ambiguous, which would fail the first TLS handshake.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

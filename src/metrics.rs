@@ -63,6 +63,7 @@ pub struct Metrics {
     pub lookup_seconds: Family<SourceLabels, Histogram, fn() -> Histogram>,
     pub push_to_restart_seconds: Histogram,
     pub receive_to_restart_seconds: Histogram,
+    pub receive_to_patch_seconds: Histogram,
     pub index_images: Gauge,
     pub index_workloads: Gauge,
     index_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -92,6 +93,8 @@ impl Metrics {
             push_to_restart_seconds: histogram_seconds(),
             // Fine buckets: this is the daemon's own share of the latency, in the ms range.
             receive_to_restart_seconds: Histogram::new(exponential_buckets(0.000_1, 1.25, 40)),
+            // Finer still: parse, lookup and building the PATCH take microseconds.
+            receive_to_patch_seconds: Histogram::new(exponential_buckets(0.000_01, 1.25, 50)),
             index_images: Gauge::default(),
             index_workloads: Gauge::default(),
             index_age_seconds: Gauge::default(),
@@ -137,6 +140,11 @@ impl Metrics {
             "receive_to_restart_seconds",
             "From the start of a message's processing to its restart PATCH being accepted",
             m.receive_to_restart_seconds.clone(),
+        );
+        registry.register(
+            "receive_to_patch_seconds",
+            "From the start of a message's processing to its first restart PATCH being handed to the Kubernetes client (the daemon's own share of the latency)",
+            m.receive_to_patch_seconds.clone(),
         );
         registry.register(
             "index_images",

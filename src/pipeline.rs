@@ -213,7 +213,16 @@ impl<L: Lookup> Pipeline<L> {
                     tracing::info!(workload = %w, "already restarted for this digest; skipping duplicate");
                     return (w, Ok(None));
                 }
-                let result = self.restarter.restart(w, digest).await;
+                // The first PATCH only: a retry's latency is the API's doing, not ours.
+                let first_send = std::sync::Once::new();
+                let on_send = || {
+                    first_send.call_once(|| {
+                        self.metrics
+                            .receive_to_patch_seconds
+                            .observe(received.elapsed().as_secs_f64())
+                    })
+                };
+                let result = self.restarter.restart(w, digest, on_send).await;
                 let label = match &result {
                     Ok(o) => o.as_str(),
                     Err(e) if e.is_transient() => "transient_error",

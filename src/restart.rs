@@ -111,10 +111,14 @@ impl Restarter {
 
     /// Restarts one workload, retrying transient errors with exponential backoff and jitter,
     /// honouring the API server's `retryAfterSeconds`, within the retry budget.
+    ///
+    /// `on_send` runs as each PATCH is handed to the client: the daemon's own latency ends
+    /// there and the API server's begins.
     pub async fn restart(
         &self,
         workload: &WorkloadRef,
         digest: Option<&str>,
+        on_send: impl Fn() + Sync,
     ) -> Result<RestartOutcome, RestartError> {
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.retry.min_delay)
@@ -125,7 +129,7 @@ impl Restarter {
         // only its own planned sleeps: a `Retry-After: 60` or slow requests would otherwise
         // keep a message far past the budget and its lease.
         let deadline = Instant::now() + self.retry.budget;
-        (|| self.restart_once(workload, digest))
+        (|| self.restart_once(workload, digest, &on_send))
             .retry(backoff)
             .when(RestartError::is_transient)
             .adjust(move |e, planned| {
@@ -141,6 +145,7 @@ impl Restarter {
         &self,
         workload: &WorkloadRef,
         digest: Option<&str>,
+        on_send: &(impl Fn() + Sync),
     ) -> Result<RestartOutcome, RestartError> {
         let api = self.api(workload);
         let mut precondition = None;
@@ -176,7 +181,10 @@ impl Restarter {
             field_manager: Some(FIELD_MANAGER.to_string()),
             ..Default::default()
         };
-        api.patch(&workload.name, &params, &Patch::Strategic(&body))
+        let body = Patch::Strategic(&body);
+        let patch = api.patch(&workload.name, &params, &body);
+        on_send();
+        patch
             .await
             .map_err(|e| RestartError::from_kube(workload, "PATCH", &e))?;
         Ok(RestartOutcome::Restarted)

@@ -173,6 +173,14 @@ async fn spans_are_exported_over_otlp_and_logs_metrics_and_probes_are_operable()
         assert!(text.contains(family), "{family}\n{text}");
     }
     assert_eq!(metric_value(&text, patched), 1.0, "{text}");
+    // The one restart is in both latency histograms: its PATCH was handed to the client
+    // (the daemon's own share) and then accepted.
+    for histogram in [
+        "gar_restarter_receive_to_patch_seconds_count",
+        "gar_restarter_receive_to_restart_seconds_count",
+    ] {
+        assert_eq!(metric_value(&text, histogram), 1.0, "{histogram}\n{text}");
+    }
     let api_lines: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("gar_restarter_api_requests_total{"))

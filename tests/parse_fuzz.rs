@@ -40,13 +40,13 @@ fn check_image_ref(input: &str, r: &ImageRef) -> Result<(), TestCaseError> {
     );
     match r.target() {
         Target::Tag(t) => {
-            prop_assert_eq!(r.tag(), Some(t.as_str()));
+            prop_assert_eq!(r.tag(), Some(t));
             prop_assert_eq!(r.digest(), None);
             prop_assert!(!t.is_empty());
             prop_assert_eq!(canonical, format!("{}:{t}", r.name()));
         }
         Target::Digest(d) => {
-            prop_assert_eq!(r.digest(), Some(d.as_str()));
+            prop_assert_eq!(r.digest(), Some(d));
             prop_assert_eq!(r.tag(), None);
             check_digest(d)?;
             prop_assert_eq!(canonical, format!("{}@{d}", r.name()));

@@ -93,6 +93,8 @@ struct Inner {
     generation: AtomicU64,
     last_rebuild: Mutex<Option<(Instant, bool)>>,
     negative: Mutex<HashSet<String>>,
+    /// The mounted files last read, and whether they provided the index.
+    mount_seen: Mutex<Option<(mount::Fingerprint, bool)>>,
     /// Serialises ConfigMap writes from this process.
     write_lock: tokio::sync::Mutex<()>,
 }
@@ -112,6 +114,7 @@ impl CacheChain {
                 generation: AtomicU64::new(0),
                 last_rebuild: Mutex::new(None),
                 negative: Mutex::new(HashSet::new()),
+                mount_seen: Mutex::new(None),
                 write_lock: tokio::sync::Mutex::new(()),
             }),
         }
@@ -127,7 +130,7 @@ impl CacheChain {
 
     /// Loads the first index available: mount, then API, then a rebuild.
     pub async fn init(&self) -> Result<Origin, ChainError> {
-        if self.reload_mount() {
+        if self.reload_mount_off_runtime().await {
             return Ok(Origin::Mount);
         }
         match self.inner.store.read().await {
@@ -176,10 +179,46 @@ impl CacheChain {
         release_freed_memory();
     }
 
+    /// [`Self::reload_mount`] on a blocking thread: parsing a large index takes tens of
+    /// milliseconds that must not stall the runtime (start-up overlaps it with Pub/Sub set-up).
+    pub async fn reload_mount_off_runtime(&self) -> bool {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.reload_mount())
+            .await
+            .unwrap_or(false)
+    }
+
     /// Re-reads the mount; swaps the index in if it is valid, in scope, not older than the
     /// one in use, and different. Returns whether the mount now provides the index.
+    ///
+    /// Files whose fingerprint (inode, size, mtime) matches the last read are not parsed
+    /// again: kubelet writes every update as new files, so an unchanged fingerprint means
+    /// unchanged content.
     pub fn reload_mount(&self) -> bool {
         let dir = &self.inner.config.cache_dir;
+        let fingerprint = mount::fingerprint(dir);
+        {
+            let last = self
+                .inner
+                .mount_seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some((seen, provides)) = last.as_ref()
+                && fingerprint.as_ref() == Some(seen)
+            {
+                return *provides;
+            }
+        }
+        let provides = self.load_mount(dir);
+        *self
+            .inner
+            .mount_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = fingerprint.map(|f| (f, provides));
+        provides
+    }
+
+    fn load_mount(&self, dir: &std::path::Path) -> bool {
         match mount::load(dir) {
             MountState::Absent => false,
             MountState::Invalid(reason) => {
@@ -320,13 +359,14 @@ impl CacheChain {
             match mount::watch(&dir) {
                 Ok((_watcher, mut events)) => {
                     tracing::info!(dir = %dir.display(), "watching the mounted index");
-                    // Catch a swap that happened before the watch was in place.
-                    self.reload_mount();
+                    // Catch a swap that happened before the watch was in place (unchanged
+                    // files are recognised by their fingerprint and not parsed again).
+                    self.reload_mount_off_runtime().await;
                     loop {
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
                             ev = events.recv() => match ev {
-                                Some(()) => { self.reload_mount(); }
+                                Some(()) => { self.reload_mount_off_runtime().await; }
                                 None => break,
                             },
                         }

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
@@ -47,6 +47,48 @@ pub fn load(dir: &Path) -> MountState {
         Err(CodecError::Empty) => MountState::Absent,
         Err(e) => MountState::Invalid(format!("{}: {e}", dir.display())),
     }
+}
+
+/// Identity of the mounted index files: kubelet's `..data` link target, and (key, device,
+/// inode, size, mtime) of each file present, links followed. Kubelet's atomic writer puts
+/// every update in a new directory; inode, size and mtime also catch files written in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    /// Where `..data` points: kubelet names every update's directory uniquely.
+    data_link: Option<PathBuf>,
+    files: Vec<(String, u64, u64, u64, Option<SystemTime>)>,
+}
+
+/// `None` when nothing can be said (an unreadable directory): the caller then reads anyway.
+pub fn fingerprint(dir: &Path) -> Option<Fingerprint> {
+    use std::os::unix::fs::MetadataExt;
+    let entries = std::fs::read_dir(dir).ok()?;
+    let mut files = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let relevant = name == codec::PLAIN_KEY
+            || name == codec::MANIFEST_KEY
+            || name.starts_with(codec::GZIP_KEY);
+        if !relevant {
+            continue;
+        }
+        // Follows the `..data/` link to the file kubelet wrote.
+        let Ok(meta) = std::fs::metadata(entry.path()) else {
+            continue;
+        };
+        files.push((
+            name,
+            meta.dev(),
+            meta.ino(),
+            meta.len(),
+            meta.modified().ok(),
+        ));
+    }
+    files.sort();
+    Some(Fingerprint {
+        data_link: std::fs::read_link(dir.join("..data")).ok(),
+        files,
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +185,24 @@ pub(crate) mod tests {
         assert_eq!(index.workload_count(), 1);
         kubelet_swap(dir.path(), 2, &[("cache.json", b"{corrupt")]);
         assert!(matches!(load(dir.path()), MountState::Invalid(_)));
+    }
+
+    #[test]
+    fn fingerprint_changes_with_every_swap_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = fingerprint(dir.path()).unwrap();
+        kubelet_swap(dir.path(), 1, &[("cache.json", b"{\"images\":{}}")]);
+        let first = fingerprint(dir.path()).unwrap();
+        assert_ne!(first, empty);
+        assert_eq!(
+            fingerprint(dir.path()).unwrap(),
+            first,
+            "stable without a swap"
+        );
+        // The same bytes again: still a new update as far as kubelet is concerned.
+        kubelet_swap(dir.path(), 2, &[("cache.json", b"{\"images\":{}}")]);
+        assert_ne!(fingerprint(dir.path()).unwrap(), first);
+        assert!(fingerprint(&dir.path().join("missing")).is_none());
     }
 
     #[tokio::test]

@@ -25,27 +25,70 @@ const IMAGES_PER_WORKLOAD: usize = 5;
 /// Matched events per latency run, published at a steady rate below pstest's 100 msg/s tick.
 const EVENTS: usize = 400;
 const RATE_PER_SEC: u64 = 40;
+/// Matched events published at once for the throughput run (new digests for the same
+/// workloads, so each is a real restart rather than a deduplicated repeat).
+const BURST: usize = 1_000;
 const STARTS: usize = 5;
 
+const HELP: &str = "\
+cargo xtask bench [--binary PATH]
+
+Builds the release binaries and prints end-to-end figures: push→PATCH latency on pstest,
+the daemon's own receive→PATCH latency, throughput, API calls per event, RSS with 10,000
+workloads indexed, start-up time and binary size. Loopback only; stops by itself in about
+a minute after the build.
+
+The measuring side (fake Kubernetes API, publisher) runs from the release build of xtask,
+so that an unoptimised harness does not inflate the daemon's figures.
+
+Options:
+  --binary PATH   measure this gar-restarter binary instead of the one just built
+                  (e.g. a copy built with other profile settings)";
+
 pub fn run(args: &[String]) -> Result<()> {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!(
-            "cargo xtask bench\n\nBuilds the release binary and prints end-to-end figures: push→PATCH latency on pstest, in-daemon latency, API calls per event, RSS with 10,000 workloads indexed, start-up time and binary size."
-        );
-        return Ok(());
+    let mut binary = None;
+    let mut measure_only = false;
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        match arg.as_str() {
+            "-h" | "--help" => {
+                println!("{HELP}");
+                return Ok(());
+            }
+            "--binary" => {
+                binary = Some(std::path::PathBuf::from(
+                    iter.next().context("--binary needs a path")?,
+                ))
+            }
+            // Internal: the optimised xtask re-run by the debug one, after the build.
+            "--measure-only" => measure_only = true,
+            other => bail!("unknown argument {other:?} for `bench`\n\n{HELP}"),
+        }
     }
     let root = util::repo_root();
-    println!("building the release binary...");
-    util::run(
-        util::cargo()
-            .args(["build", "--release", "--workspace", "--bins"])
-            .current_dir(&root),
-    )?;
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(Into::into)
         .unwrap_or_else(|_| root.join("target"));
-    let binary = target.join("release/gar-restarter");
-    let size = std::fs::metadata(&binary).context("release binary")?.len();
+    if !measure_only {
+        println!("building the release binaries...");
+        util::run(
+            util::cargo()
+                .args(["build", "--release", "--workspace", "--bins"])
+                .current_dir(&root),
+        )?;
+        if cfg!(debug_assertions) {
+            let mut cmd = Command::new(target.join("release/xtask"));
+            cmd.args(["bench", "--measure-only"]);
+            if let Some(b) = &binary {
+                cmd.arg("--binary").arg(b);
+            }
+            return util::run(&mut cmd);
+        }
+    }
+    let binary = binary.unwrap_or_else(|| target.join("release/gar-restarter"));
+    let size = std::fs::metadata(&binary)
+        .with_context(|| format!("release binary {}", binary.display()))?
+        .len();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -122,11 +165,16 @@ fn util_http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     gar_testsupport::http::get_status_body(addr, path)
 }
 
+/// `VmRSS` (resident now) or `VmHWM` (peak resident) of a process, in MiB.
 fn rss_mb(pid: u32) -> f64 {
+    status_mb(pid, "VmRSS:")
+}
+
+fn status_mb(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+            s.lines().find(|l| l.starts_with(field)).and_then(|l| {
                 l.split_whitespace()
                     .nth(1)
                     .and_then(|v| v.parse::<f64>().ok())
@@ -165,6 +213,19 @@ fn histogram_quantile(metrics: &str, name: &str, p: f64) -> Option<f64> {
         .iter()
         .find(|(_, c)| *c >= total * p)
         .map(|(le, _)| *le)
+}
+
+/// A GAR INSERT for workload `i`'s image with a digest no other event used.
+fn burst_event(i: usize, n: usize) -> Vec<u8> {
+    let tag = fixtures::image(i, 0);
+    let repo = tag.rsplit_once(':').map(|(r, _)| r).unwrap_or(&tag);
+    serde_json::json!({
+        "action": "INSERT",
+        "digest": format!("{repo}@sha256:{:064x}", 1 << 40 | n),
+        "tag": tag,
+    })
+    .to_string()
+    .into_bytes()
 }
 
 /// The kubelet layout: `..data` → timestamped dir, `cache.json` → `..data/cache.json`.
@@ -266,7 +327,37 @@ async fn bench(binary: &Path, binary_size: u64) -> Result<()> {
         histogram_quantile(&metrics, "gar_restarter_receive_to_restart_seconds", 0.5);
     let in_daemon_p99 =
         histogram_quantile(&metrics, "gar_restarter_receive_to_restart_seconds", 0.99);
+    let sent_p50 = histogram_quantile(&metrics, "gar_restarter_receive_to_patch_seconds", 0.5);
+    let sent_p99 = histogram_quantile(&metrics, "gar_restarter_receive_to_patch_seconds", 0.99);
+    let sent_max = histogram_quantile(&metrics, "gar_restarter_receive_to_patch_seconds", 1.0);
     let rss_loaded = rss_mb(daemon.child.id());
+
+    // Throughput: BURST matched events published at once; the time until the last PATCH.
+    let before = api.patches().len();
+    let burst_started = Instant::now();
+    let publishes = (0..BURST).map(|n| {
+        let i = n % EVENTS;
+        let data = burst_event(i, n);
+        publisher.publish(Message::new().set_data(bytes::Bytes::from(data)))
+    });
+    for id in futures::future::join_all(publishes).await {
+        id?;
+    }
+    let published_in = burst_started.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while api.patches().len() < before + BURST && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let burst_patches = api.patches();
+    let burst_done = burst_patches
+        .iter()
+        .skip(before)
+        .map(|p| p.received_at)
+        .max()
+        .map(|t| t.duration_since(burst_started));
+    let burst_count = burst_patches.len() - before;
+    let rss_after_burst = rss_mb(daemon.child.id());
+    let rss_peak = status_mb(daemon.child.id(), "VmHWM:");
     drop(daemon);
 
     let ms = |v: Option<f64>| {
@@ -287,26 +378,51 @@ async fn bench(binary: &Path, binary_size: u64) -> Result<()> {
         latencies.last().copied().unwrap_or(f64::NAN)
     );
     println!(
+        "| receive → PATCH handed to the client, in the daemon (histogram bucket bound) | p50 {}, p99 {}, max {} |",
+        ms(sent_p50),
+        ms(sent_p99),
+        ms(sent_max)
+    );
+    println!(
         "| receive → PATCH accepted, in the daemon (histogram bucket bound) | p50 {}, p99 {} |",
         ms(in_daemon_p50),
         ms(in_daemon_p99)
     );
+    match burst_done {
+        Some(t) if burst_count == BURST => println!(
+            "| throughput on pstest, {BURST} matched events published at once (published in {:.0} ms) | {:.0} events/s ({BURST} PATCHes in {:.2} s) |",
+            published_in.as_secs_f64() * 1e3,
+            BURST as f64 / t.as_secs_f64(),
+            t.as_secs_f64()
+        ),
+        _ => println!(
+            "| throughput on pstest, {BURST} events | only {burst_count} restarted within 60 s |"
+        ),
+    }
     println!("| restarts completed | {} / {EVENTS} |", latencies.len());
     println!(
         "| API calls per event | {:.2} PATCH, {:.2} other (lookups) |",
         patches.len() as f64 / EVENTS as f64,
         other_calls as f64 / EVENTS as f64
     );
-    println!("| RSS after start / after the run | {rss_idle:.1} MB / {rss_loaded:.1} MB |");
+    println!(
+        "| RSS after start / after the latency run / after the burst / peak | {rss_idle:.1} / {rss_loaded:.1} / {rss_after_burst:.1} / {rss_peak:.1} MiB |"
+    );
     println!(
         "| start → ready (mounted index), {STARTS} runs | p50 {:.0} ms, max {:.0} ms |",
         percentile(&starts, 0.5),
         starts.last().copied().unwrap_or(f64::NAN)
     );
     println!(
-        "| release binary | {:.1} MB |",
+        "| release binary | {:.1} MiB ({binary_size} bytes) |",
         binary_size as f64 / 1_048_576.0
     );
+    if burst_count < BURST {
+        bail!(
+            "only {burst_count} of {BURST} burst events were restarted; see {}",
+            log.display()
+        );
+    }
     if latencies.len() < EVENTS {
         bail!(
             "only {} of {EVENTS} events were restarted; see {}",
