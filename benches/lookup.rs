@@ -36,9 +36,29 @@ fn print_distribution(name: &str, [p50, p99, p999, max]: [u128; 4]) {
     println!("{name:<40} per call: p50 {p50} ns, p99 {p99} ns, p99.9 {p999} ns, max {max} ns");
 }
 
+/// Heap bytes in use (glibc's count), to report what a loaded index holds.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn heap_in_use() -> Option<usize> {
+    // SAFETY: mallinfo2 only reads glibc's allocator statistics.
+    Some(unsafe { libc::mallinfo2() }.uordblks)
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn heap_in_use() -> Option<usize> {
+    None
+}
+
 fn bench(c: &mut Criterion) {
-    let index =
-        SharedIndex::new(Index::from_json(&fixtures::cache_json(10_000, 5)).expect("index"));
+    let json = fixtures::cache_json(10_000, 5);
+    let before = heap_in_use();
+    let index = SharedIndex::new(Index::from_json(&json).expect("index"));
+    if let (Some(before), Some(after)) = (before, heap_in_use()) {
+        println!(
+            "index heap: {:.1} MiB for 10,000 workloads / 50,000 refs (cache.json is {:.1} MiB)",
+            after.saturating_sub(before) as f64 / 1_048_576.0,
+            json.len() as f64 / 1_048_576.0
+        );
+    }
     assert_eq!(index.load().image_count(), 50_000);
 
     // A pseudo-random walk over every workload's images (a multiplicative step, no RNG).
@@ -73,7 +93,6 @@ fn bench(c: &mut Criterion) {
     let miss = ImageRef::parse("europe-west4-docker.pkg.dev/p/t/unknown:v1").expect("ref");
     let message = fixtures::gar_insert(4_321, 2);
 
-    let json = fixtures::cache_json(10_000, 5);
     let mut g = c.benchmark_group("index");
     g.sample_size(10);
     g.bench_function("load_10k_workloads_50k_refs", |b| {

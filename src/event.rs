@@ -66,12 +66,17 @@ pub enum ParseError {
 #[derive(Deserialize)]
 struct Payload<'a> {
     #[serde(borrow)]
-    action: Option<Cow<'a, str>>,
+    action: Option<Text<'a>>,
     #[serde(default, borrow)]
-    digest: Option<Cow<'a, str>>,
+    digest: Option<Text<'a>>,
     #[serde(default, borrow)]
-    tag: Option<Cow<'a, str>>,
+    tag: Option<Text<'a>>,
 }
+
+/// serde borrows a `Cow<str>` only when it is a field's whole type; inside an `Option` it
+/// would always allocate a `String`, so the `Option` wraps this newtype instead.
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
 pub fn parse(data: &[u8]) -> Result<Event, ParseError> {
     if data.len() > MAX_PAYLOAD_BYTES {
@@ -80,9 +85,9 @@ pub fn parse(data: &[u8]) -> Result<Event, ParseError> {
     let payload: Payload =
         serde_json::from_slice(data).map_err(|e| ParseError::NotJson(e.to_string()))?;
     // Registries have been seen to send `"tag": ""` for digest-only pushes; treat as absent.
-    let tag = payload.tag.filter(|t| !t.is_empty());
-    let digest = payload.digest.filter(|d| !d.is_empty());
-    match payload.action.as_deref() {
+    let tag = payload.tag.map(|t| t.0).filter(|t| !t.is_empty());
+    let digest = payload.digest.map(|d| d.0).filter(|d| !d.is_empty());
+    match payload.action.as_ref().map(|a| &*a.0) {
         None => Err(ParseError::MissingAction),
         Some("INSERT") => parse_insert(tag, digest),
         Some("DELETE") => match (tag, digest) {
@@ -191,6 +196,23 @@ mod tests {
             parse(body.as_bytes()).unwrap(),
             Event::InsertDigestOnly { .. }
         ));
+    }
+
+    #[test]
+    fn payload_strings_are_borrowed_unless_escaped() {
+        let plain: Payload =
+            serde_json::from_slice(br#"{"action":"INSERT","tag":"gcr.io/p/a:v"}"#).unwrap();
+        assert!(matches!(
+            plain.tag,
+            Some(Text(Cow::Borrowed("gcr.io/p/a:v")))
+        ));
+        assert!(matches!(plain.action, Some(Text(Cow::Borrowed("INSERT")))));
+        let escaped: Payload =
+            serde_json::from_slice(br#"{"action":"INSERT","tag":"gcr.io\/p\/a:v"}"#).unwrap();
+        assert!(matches!(&escaped.tag, Some(Text(Cow::Owned(t))) if t == "gcr.io/p/a:v"));
+        // And an escaped event still parses to the same reference.
+        let ev = parse(br#"{"action":"INSERT","tag":"gcr.io\/p\/a:v"}"#).unwrap();
+        assert!(matches!(ev, Event::Insert { tag, .. } if tag.as_str() == "gcr.io/p/a:v"));
     }
 
     #[test]

@@ -29,15 +29,21 @@ pub enum MountState {
 /// Reads whichever form is mounted. Shards come from the same directory (a projected volume).
 pub fn load(dir: &Path) -> MountState {
     let read = |name: &str| std::fs::read(dir.join(name)).ok();
+    // The plain form, the common one, is parsed straight from the file's bytes: no UTF-8
+    // copy of a multi-megabyte file at start-up, when memory peaks.
+    if let Some(bytes) = read(codec::PLAIN_KEY) {
+        return match Index::from_json(&bytes) {
+            Ok(index) => MountState::Loaded(index, Form::Plain),
+            Err(e) => MountState::Invalid(format!("{}: {}", dir.display(), CodecError::from(e))),
+        };
+    }
     let mut data = BTreeMap::new();
     let mut binary = BTreeMap::new();
-    for key in [codec::PLAIN_KEY, codec::MANIFEST_KEY] {
-        if let Some(bytes) = read(key) {
-            data.insert(
-                key.to_string(),
-                String::from_utf8_lossy(&bytes).into_owned(),
-            );
-        }
+    if let Some(bytes) = read(codec::MANIFEST_KEY) {
+        data.insert(
+            codec::MANIFEST_KEY.to_string(),
+            String::from_utf8_lossy(&bytes).into_owned(),
+        );
     }
     if let Some(bytes) = read(codec::GZIP_KEY) {
         binary.insert(codec::GZIP_KEY.to_string(), bytes);

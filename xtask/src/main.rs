@@ -16,8 +16,9 @@ tasks:
              doc tests and deploy/validate.sh (see `cargo xtask test --help`)
   demo       the real daemon against pstest and a fake Kubernetes API, fed sample GAR
              events; reports what was restarted and why (see `cargo xtask demo --help`)
-  bench      end-to-end figures for the release binary: push→PATCH latency, API calls per
-             event, RSS, start-up time, binary size (see BENCHMARKS.md)
+  bench      end-to-end figures for the release binary: push→PATCH latency, the daemon's own
+             latency, throughput, API calls per event, RSS, start-up time, binary size
+             (see `cargo xtask bench --help` and BENCHMARKS.md)
   emulator   the pstest Pub/Sub emulator in the foreground, set up for config/local.toml
              (see `cargo xtask emulator --help`)";
 
