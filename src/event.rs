@@ -216,6 +216,18 @@ mod tests {
     }
 
     #[test]
+    fn tag_and_digest_may_spell_one_repository_differently() {
+        let body = format!(
+            r#"{{"action":"INSERT","tag":"nginx:1.27","digest":"docker.io/library/nginx@sha256:{HEX}"}}"#
+        );
+        let ev = parse(body.as_bytes()).unwrap();
+        assert!(
+            matches!(&ev, Event::Insert { tag, digest: Some(_) } if tag.as_str() == "docker.io/library/nginx:1.27"),
+            "{ev:?}"
+        );
+    }
+
+    #[test]
     fn delete_and_unknown_fields() {
         let ev = parse(br#"{"action":"DELETE","tag":"gcr.io/p/app:v2","extra":1}"#).unwrap();
         assert_eq!(ev.action(), "DELETE");

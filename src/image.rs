@@ -125,9 +125,14 @@ impl<'a> Parsed<'a> {
         }
     }
 
-    /// Whether both name the same normalised repository (`registry/repository`).
+    /// Whether both name the same normalised repository (`registry/repository`): `nginx` and
+    /// `docker.io/library/nginx` do, though only one of them spells `library/`.
     pub fn same_name(&self, other: &Parsed<'_>) -> bool {
-        self.domain == other.domain && self.library == other.library && self.path == other.path
+        fn repository<'p>(p: &Parsed<'p>) -> impl Iterator<Item = &'p u8> {
+            let prefix: &'static [u8] = if p.library { b"library/" } else { b"" };
+            prefix.iter().chain(p.path.as_bytes())
+        }
+        self.domain == other.domain && repository(self).eq(repository(other))
     }
 
     fn name_len(&self) -> usize {
@@ -422,6 +427,18 @@ mod tests {
         }
         let long = format!("gcr.io/{}", "a".repeat(600));
         assert!(ImageRef::parse(&long).is_err());
+    }
+
+    #[test]
+    fn same_name_compares_normalised_repositories() {
+        let p = |s| Parsed::new(s).unwrap();
+        let d = format!("docker.io/library/nginx@{D}");
+        assert!(p("nginx:1").same_name(&p(&d)));
+        assert!(p("index.docker.io/library/nginx").same_name(&p("nginx")));
+        assert!(p("gcr.io/p/app:v1").same_name(&p("gcr.io/p/app")));
+        assert!(!p("nginx").same_name(&p("docker.io/acme/nginx")));
+        assert!(!p("gcr.io/p/app").same_name(&p("gcr.io/p/app2")));
+        assert!(!p("gcr.io/p/app").same_name(&p("quay.io/p/app")));
     }
 
     #[test]

@@ -191,9 +191,9 @@ impl CacheChain {
     /// Re-reads the mount; swaps the index in if it is valid, in scope, not older than the
     /// one in use, and different. Returns whether the mount now provides the index.
     ///
-    /// Files whose fingerprint (inode, size, mtime) matches the last read are not parsed
-    /// again: kubelet writes every update as new files, so an unchanged fingerprint means
-    /// unchanged content.
+    /// Files whose fingerprint (`..data` target, inode, size, mtime) matches the last read are
+    /// not parsed again: kubelet writes every update as new files in a new directory, so an
+    /// unchanged fingerprint means unchanged content.
     pub fn reload_mount(&self) -> bool {
         let dir = &self.inner.config.cache_dir;
         let fingerprint = mount::fingerprint(dir);
