@@ -23,7 +23,7 @@ emulator addr="127.0.0.1:8085":
 run-local kubeconfig="~/.kube/config" *args:
     PUBSUB_EMULATOR_HOST=127.0.0.1:8085 KUBECONFIG={{kubeconfig}} cargo run -p gar-restarter -- --config config/local.toml run {{args}}
 
-# Benchmarks (the xtask task may not exist yet).
+# End-to-end figures (release build, pstest, fake API); micro figures: `cargo bench --bench lookup` and `--bench pipeline`. See BENCHMARKS.md.
 bench *args:
     cargo xtask bench {{args}}
 
