@@ -61,17 +61,22 @@ fn bench(c: &mut Criterion) {
     }
     assert_eq!(index.load().image_count(), 50_000);
 
-    // A pseudo-random walk over every workload's images (a multiplicative step, no RNG).
-    let hits: Vec<ImageRef> = (0..50_000usize)
+    // A pseudo-random walk over every workload's images (a multiplicative step, no RNG):
+    // the n-th (workload, image) pair visited.
+    let walk = |n: usize| {
+        let k = n * 7_919 % 50_000;
+        (k / 5, k % 5)
+    };
+    let hits: Vec<ImageRef> = (0..50_000)
         .map(|n| {
-            let k = n * 7_919 % 50_000;
-            ImageRef::parse(&fixtures::image(k / 5, k % 5)).expect("ref")
+            let (i, j) = walk(n);
+            ImageRef::parse(&fixtures::image(i, j)).expect("ref")
         })
         .collect();
-    let messages: Vec<Vec<u8>> = (0..10_000usize)
+    let messages: Vec<Vec<u8>> = (0..10_000)
         .map(|n| {
-            let k = n * 7_919 % 50_000;
-            fixtures::gar_insert(k / 5, k % 5)
+            let (i, j) = walk(n);
+            fixtures::gar_insert(i, j)
         })
         .collect();
     print_distribution(

@@ -9,6 +9,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 
 use crate::image::{ImageRef, ImageRefError, Parsed};
+use crate::json::BorrowedStr;
 
 /// Pub/Sub allows 10 MB, but a GAR event is a few hundred bytes: anything this big is not one.
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
@@ -66,17 +67,12 @@ pub enum ParseError {
 #[derive(Deserialize)]
 struct Payload<'a> {
     #[serde(borrow)]
-    action: Option<Text<'a>>,
+    action: Option<BorrowedStr<'a>>,
     #[serde(default, borrow)]
-    digest: Option<Text<'a>>,
+    digest: Option<BorrowedStr<'a>>,
     #[serde(default, borrow)]
-    tag: Option<Text<'a>>,
+    tag: Option<BorrowedStr<'a>>,
 }
-
-/// serde borrows a `Cow<str>` only when it is a field's whole type; inside an `Option` it
-/// would always allocate a `String`, so the `Option` wraps this newtype instead.
-#[derive(Deserialize)]
-struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
 pub fn parse(data: &[u8]) -> Result<Event, ParseError> {
     if data.len() > MAX_PAYLOAD_BYTES {
@@ -204,12 +200,15 @@ mod tests {
             serde_json::from_slice(br#"{"action":"INSERT","tag":"gcr.io/p/a:v"}"#).unwrap();
         assert!(matches!(
             plain.tag,
-            Some(Text(Cow::Borrowed("gcr.io/p/a:v")))
+            Some(BorrowedStr(Cow::Borrowed("gcr.io/p/a:v")))
         ));
-        assert!(matches!(plain.action, Some(Text(Cow::Borrowed("INSERT")))));
+        assert!(matches!(
+            plain.action,
+            Some(BorrowedStr(Cow::Borrowed("INSERT")))
+        ));
         let escaped: Payload =
             serde_json::from_slice(br#"{"action":"INSERT","tag":"gcr.io\/p\/a:v"}"#).unwrap();
-        assert!(matches!(&escaped.tag, Some(Text(Cow::Owned(t))) if t == "gcr.io/p/a:v"));
+        assert!(matches!(&escaped.tag, Some(BorrowedStr(Cow::Owned(t))) if t == "gcr.io/p/a:v"));
         // And an escaped event still parses to the same reference.
         let ev = parse(br#"{"action":"INSERT","tag":"gcr.io\/p\/a:v"}"#).unwrap();
         assert!(matches!(ev, Event::Insert { tag, .. } if tag.as_str() == "gcr.io/p/a:v"));

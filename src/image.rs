@@ -61,17 +61,11 @@ impl ImageRef {
     }
 
     pub fn tag(&self) -> Option<&str> {
-        match self.target() {
-            Target::Tag(t) => Some(t),
-            Target::Digest(_) => None,
-        }
+        self.target().tag()
     }
 
     pub fn digest(&self) -> Option<&str> {
-        match self.target() {
-            Target::Digest(d) => Some(d),
-            Target::Tag(_) => None,
-        }
+        self.target().digest()
     }
 
     /// The normalised string used as the index key.
@@ -99,6 +93,22 @@ pub enum Target<'a> {
     Digest(&'a str),
 }
 
+impl<'a> Target<'a> {
+    pub fn tag(self) -> Option<&'a str> {
+        match self {
+            Target::Tag(t) => Some(t),
+            Target::Digest(_) => None,
+        }
+    }
+
+    pub fn digest(self) -> Option<&'a str> {
+        match self {
+            Target::Digest(d) => Some(d),
+            Target::Tag(_) => None,
+        }
+    }
+}
+
 impl<'a> Parsed<'a> {
     pub fn new(input: &'a str) -> Result<Self, ImageRefError> {
         let trimmed = input.trim();
@@ -112,31 +122,34 @@ impl<'a> Parsed<'a> {
     }
 
     pub fn tag(&self) -> Option<&'a str> {
-        match self.target {
-            Target::Tag(t) => Some(t),
-            Target::Digest(_) => None,
-        }
+        self.target.tag()
     }
 
     pub fn digest(&self) -> Option<&'a str> {
-        match self.target {
-            Target::Digest(d) => Some(d),
-            Target::Tag(_) => None,
-        }
+        self.target.digest()
+    }
+
+    /// The normalised repository in two pieces, the implicit `library/` (or nothing) and the
+    /// path as written: the one place that knows how the prefix is spelled.
+    fn repository(&self) -> (&'static str, &'a str) {
+        (if self.library { "library/" } else { "" }, self.path)
     }
 
     /// Whether both name the same normalised repository (`registry/repository`): `nginx` and
     /// `docker.io/library/nginx` do, though only one of them spells `library/`.
     pub fn same_name(&self, other: &Parsed<'_>) -> bool {
-        fn repository<'p>(p: &Parsed<'p>) -> impl Iterator<Item = &'p u8> {
-            let prefix: &'static [u8] = if p.library { b"library/" } else { b"" };
-            prefix.iter().chain(p.path.as_bytes())
-        }
-        self.domain == other.domain && repository(self).eq(repository(other))
+        let (ours, our_path) = self.repository();
+        let (theirs, their_path) = other.repository();
+        self.domain == other.domain
+            && ours
+                .bytes()
+                .chain(our_path.bytes())
+                .eq(theirs.bytes().chain(their_path.bytes()))
     }
 
     fn name_len(&self) -> usize {
-        self.domain.len() + 1 + if self.library { 8 } else { 0 } + self.path.len()
+        let (prefix, path) = self.repository();
+        self.domain.len() + 1 + prefix.len() + path.len()
     }
 
     pub fn to_image_ref(&self) -> ImageRef {
@@ -146,12 +159,11 @@ impl<'a> Parsed<'a> {
             Target::Digest(d) => ('@', d),
         };
         let mut canonical = String::with_capacity(name_len + 1 + target.len());
+        let (prefix, path) = self.repository();
         canonical.push_str(self.domain);
         canonical.push('/');
-        if self.library {
-            canonical.push_str("library/");
-        }
-        canonical.push_str(self.path);
+        canonical.push_str(prefix);
+        canonical.push_str(path);
         canonical.push(separator);
         canonical.push_str(target);
         ImageRef {

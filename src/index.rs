@@ -18,6 +18,7 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::image::ImageRef;
+use crate::json::BorrowedStr;
 use crate::workload::{WorkloadKind, WorkloadRef};
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -63,10 +64,6 @@ struct RawIndexFile<'a> {
     images: Builder<'a>,
 }
 
-/// serde borrows a `Cow` only as a direct field, so map keys need this newtype.
-#[derive(Deserialize)]
-struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
-
 #[derive(Deserialize)]
 struct RawWorkload<'a> {
     #[serde(default)]
@@ -94,6 +91,16 @@ struct Entry {
     key_len: u32,
     list_start: u32,
     list_len: u32,
+}
+
+impl Entry {
+    fn key<'k>(&self, keys: &'k str) -> &'k str {
+        &keys[self.key_start as usize..][..self.key_len as usize]
+    }
+
+    fn ids<'l>(&self, lists: &'l [u32]) -> &'l [u32] {
+        &lists[self.list_start as usize..][..self.list_len as usize]
+    }
 }
 
 /// The in-memory index: one hash lookup per event, no allocation on a miss.
@@ -180,11 +187,11 @@ impl Index {
     }
 
     fn key(&self, e: &Entry) -> &str {
-        &self.keys[e.key_start as usize..(e.key_start + e.key_len) as usize]
+        e.key(&self.keys)
     }
 
     fn list(&self, e: &Entry) -> impl ExactSizeIterator<Item = &WorkloadRef> {
-        self.lists[e.list_start as usize..(e.list_start + e.list_len) as usize]
+        e.ids(&self.lists)
             .iter()
             .map(|&id| &self.workloads[id as usize])
     }
@@ -295,10 +302,8 @@ impl<'a> Builder<'a> {
         }
         let hash = index.hasher.hash_one(key);
         let keys = &index.keys;
-        if let Some(e) = index.table.find_mut(hash, |e| {
-            &keys[e.key_start as usize..][..e.key_len as usize] == key
-        }) {
-            ids.extend_from_slice(&index.lists[e.list_start as usize..][..e.list_len as usize]);
+        if let Some(e) = index.table.find_mut(hash, |e| e.key(keys) == key) {
+            ids.extend_from_slice(e.ids(&index.lists));
             sort_ids(&index.workloads, ids);
             e.list_start = index.lists.len() as u32;
             e.list_len = ids.len() as u32;
@@ -315,41 +320,38 @@ impl<'a> Builder<'a> {
         index.keys.push_str(key);
         index.lists.extend_from_slice(ids);
         let (keys, hasher) = (&index.keys, &index.hasher);
-        index.table.insert_unique(hash, entry, |e| {
-            hasher.hash_one(&keys[e.key_start as usize..][..e.key_len as usize])
-        });
+        index
+            .table
+            .insert_unique(hash, entry, |e| hasher.hash_one(e.key(keys)));
     }
 
     /// `trusted`: the file carries a `version`, so gar-restarter wrote it and its keys are
     /// already normalised. Hand-written files get every key normalised (and lists merged
     /// where two spellings name the same image).
     fn finish(self, trusted: bool, generated_at: Option<String>, scope: Option<Scope>) -> Index {
-        let mut index = self.index;
+        let mut index = if trusted {
+            self.index
+        } else {
+            renormalise(self.index)
+        };
         index.generated_at = generated_at;
         index.scope = scope;
-        if !trusted {
-            index = renormalise(index);
-        }
         index.keys.shrink_to_fit();
         index.lists.shrink_to_fit();
         index.workloads.shrink_to_fit();
-        index.table.shrink_to(0, |e| {
-            index
-                .hasher
-                .hash_one(&index.keys[e.key_start as usize..][..e.key_len as usize])
-        });
+        let (keys, hasher) = (&index.keys, &index.hasher);
+        index.table.shrink_to(0, |e| hasher.hash_one(e.key(keys)));
         index
     }
 }
 
 /// Rebuilds the keys of a hand-written index in normal form. An unparseable key is kept
 /// verbatim so it can still match an identical (equally odd) event reference.
-fn renormalise(index: Index) -> Index {
+fn renormalise(mut index: Index) -> Index {
+    // Workload ids stay valid: the workloads move over as they are, only keys are rebuilt.
     let mut builder = Builder {
         index: Index {
-            workloads: index.workloads.clone(),
-            generated_at: index.generated_at.clone(),
-            scope: index.scope.clone(),
+            workloads: std::mem::take(&mut index.workloads),
             ..Index::default()
         },
         ..Builder::default()
@@ -358,7 +360,7 @@ fn renormalise(index: Index) -> Index {
     for e in index.table.iter() {
         let key = index.key(e);
         ids.clear();
-        ids.extend_from_slice(&index.lists[e.list_start as usize..][..e.list_len as usize]);
+        ids.extend_from_slice(e.ids(&index.lists));
         match ImageRef::parse(key) {
             Ok(r) => builder.add(r.as_str(), &mut ids),
             Err(_) => builder.add(key, &mut ids),
@@ -390,7 +392,7 @@ impl<'de: 'a, 'a> Visitor<'de> for ImagesVisitor<'a> {
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
         let mut builder = Builder::default();
         let mut ids = Vec::new();
-        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+        while let Some(BorrowedStr(key)) = map.next_key::<BorrowedStr<'de>>()? {
             ids.clear();
             map.next_value_seed(WorkloadsSeed {
                 builder: &mut builder,

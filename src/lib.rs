@@ -16,6 +16,7 @@ pub mod dedupe;
 pub mod event;
 pub mod image;
 pub mod index;
+mod json;
 pub mod lookup;
 pub mod metrics;
 pub mod pipeline;
