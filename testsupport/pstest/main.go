@@ -2,10 +2,10 @@
 // (cloud.google.com/go/pubsub/pstest) as a standalone gRPC server, so that the
 // Rust tests can point PUBSUB_EMULATOR_HOST at it.
 //
-// It is built offline against the Debian packages golang-go and
-// golang-google-cloud-dev, in GOPATH mode:
+// It is a Go module of its own, pinned to cloud.google.com/go/pubsub/v2 (go.mod), and
+// built from the Go module proxy by the test support (gar_testsupport::gotool):
 //
-//	GO111MODULE=off GOPATH=/usr/share/gocode CGO_ENABLED=0 go build -o pstest ./testsupport/pstest
+//	cd testsupport/pstest && CGO_ENABLED=0 go build -trimpath -o /tmp/pstest .
 //
 // Usage:
 //
@@ -23,19 +23,18 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"io/ioutil"
 	"log"
 	"net"
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
-	"cloud.google.com/go/pubsub/pstest"
-	emptypb "github.com/golang/protobuf/ptypes/empty"
-	pb "google.golang.org/genproto/googleapis/pubsub/v1"
+	pb "cloud.google.com/go/pubsub/v2/apiv1/pubsubpb"
+	"cloud.google.com/go/pubsub/v2/pstest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/keepalive"
@@ -62,7 +61,8 @@ func main() {
 		subs           listFlag
 	)
 	flag.Var(&topics, "topic", "topic to create at start: NAME or projects/P/topics/NAME (repeatable)")
-	flag.Var(&subs, "subscription", "subscription to create at start: NAME=TOPIC (repeatable); the topic is created if missing")
+	flag.Var(&subs, "subscription", "subscription to create at start: NAME=TOPIC[,dead-letter=TOPIC:MAX_DELIVERY_ATTEMPTS] (repeatable); topics are created if missing. "+
+		"With a dead-letter policy the fake counts deliveries and sets delivery_attempt, as Pub/Sub does")
 	flag.BoolVar(&verbose, "v", false, "log every RPC to stderr")
 	flag.Parse()
 	if flag.NArg() > 0 {
@@ -95,24 +95,38 @@ func main() {
 		log.Printf("created topic %s", name)
 	}
 	for _, s := range subs {
-		i := strings.Index(s, "=")
-		if i <= 0 || i == len(s)-1 {
-			fatalf("-subscription wants NAME=TOPIC, got %q", s)
-		}
-		name := qualify(*project, "subscriptions", s[:i])
-		topic := qualify(*project, "topics", s[i+1:])
-		if _, err := svc.CreateTopic(ctx, &pb.Topic{Name: topic}); err != nil && status.Code(err) != codes.AlreadyExists {
-			fatalf("create topic %s: %v", topic, err)
-		}
-		_, err := svc.CreateSubscription(ctx, &pb.Subscription{
-			Name:               name,
-			Topic:              topic,
-			AckDeadlineSeconds: int32(*ackDeadline),
-		})
+		spec, err := parseSubscription(*project, s)
 		if err != nil {
-			fatalf("create subscription %s: %v", name, err)
+			fatalf("-subscription wants NAME=TOPIC[,dead-letter=TOPIC:MAX_DELIVERY_ATTEMPTS], got %q: %v", s, err)
 		}
-		log.Printf("created subscription %s -> %s (ack deadline %ds)", name, topic, *ackDeadline)
+		for _, topic := range []string{spec.topic, spec.deadLetterTopic} {
+			if topic == "" {
+				continue
+			}
+			if _, err := svc.CreateTopic(ctx, &pb.Topic{Name: topic}); err != nil && status.Code(err) != codes.AlreadyExists {
+				fatalf("create topic %s: %v", topic, err)
+			}
+		}
+		sub := &pb.Subscription{
+			Name:               spec.name,
+			Topic:              spec.topic,
+			AckDeadlineSeconds: int32(*ackDeadline),
+		}
+		if spec.deadLetterTopic != "" {
+			sub.DeadLetterPolicy = &pb.DeadLetterPolicy{
+				DeadLetterTopic:     spec.deadLetterTopic,
+				MaxDeliveryAttempts: spec.maxDeliveryAttempts,
+			}
+		}
+		if _, err := svc.CreateSubscription(ctx, sub); err != nil {
+			fatalf("create subscription %s: %v", spec.name, err)
+		}
+		if spec.deadLetterTopic != "" {
+			log.Printf("created subscription %s -> %s (ack deadline %ds, dead letters to %s after %d deliveries)",
+				spec.name, spec.topic, *ackDeadline, spec.deadLetterTopic, spec.maxDeliveryAttempts)
+		} else {
+			log.Printf("created subscription %s -> %s (ack deadline %ds)", spec.name, spec.topic, *ackDeadline)
+		}
 	}
 
 	lis, err := listen(*addr, *bindRetry)
@@ -146,7 +160,7 @@ func main() {
 	}()
 	if *stdinEOF {
 		go func() {
-			_, _ = io.Copy(ioutil.Discard, os.Stdin)
+			_, _ = io.Copy(io.Discard, os.Stdin)
 			log.Printf("stdin closed, shutting down")
 			g.Stop()
 			os.Exit(0)
@@ -161,7 +175,7 @@ func main() {
 	}
 }
 
-func fatalf(format string, args ...interface{}) {
+func fatalf(format string, args ...any) {
 	log.Printf(format, args...)
 	os.Exit(2)
 }
@@ -173,6 +187,41 @@ func qualify(project, kind, name string) string {
 		return name
 	}
 	return fmt.Sprintf("projects/%s/%s/%s", project, kind, name)
+}
+
+type subscriptionSpec struct {
+	name, topic         string
+	deadLetterTopic     string
+	maxDeliveryAttempts int32
+}
+
+// parseSubscription reads NAME=TOPIC[,dead-letter=TOPIC:N].
+func parseSubscription(project, s string) (subscriptionSpec, error) {
+	head, policy, hasPolicy := strings.Cut(s, ",")
+	name, topic, ok := strings.Cut(head, "=")
+	if !ok || name == "" || topic == "" {
+		return subscriptionSpec{}, errors.New("want NAME=TOPIC[,dead-letter=TOPIC:MAX_DELIVERY_ATTEMPTS]")
+	}
+	spec := subscriptionSpec{
+		name:  qualify(project, "subscriptions", name),
+		topic: qualify(project, "topics", topic),
+	}
+	if !hasPolicy {
+		return spec, nil
+	}
+	value, ok := strings.CutPrefix(policy, "dead-letter=")
+	if !ok {
+		return subscriptionSpec{}, fmt.Errorf("unknown option %q (only dead-letter=TOPIC:N)", policy)
+	}
+	dlq, max, ok := strings.Cut(value, ":")
+	n, err := strconv.Atoi(max)
+	// Pub/Sub's own bounds for max_delivery_attempts.
+	if !ok || dlq == "" || err != nil || n < 5 || n > 100 {
+		return subscriptionSpec{}, fmt.Errorf("dead-letter wants TOPIC:N with 5 <= N <= 100, got %q", value)
+	}
+	spec.deadLetterTopic = qualify(project, "topics", dlq)
+	spec.maxDeliveryAttempts = int32(n)
+	return spec, nil
 }
 
 // listen binds addr, retrying for a while if a fixed port is still in use
@@ -188,30 +237,13 @@ func listen(addr string, retry time.Duration) (net.Listener, error) {
 	}
 }
 
-// service is pstest's GServer with its sharp edges filed off: RPCs that pstest
-// does not implement return UNIMPLEMENTED instead of dereferencing a nil
-// interface, and requests that would make pstest panic are sanitised first.
+// service is pstest's GServer with its one remaining sharp edge filed off: a
+// StreamingPull request that would make pstest panic is rejected first. (The v2
+// fake ignores unknown ack ids and answers UNIMPLEMENTED for what it lacks, which
+// the Debian v0.56 copy did not.)
 type service struct {
 	*pstest.GServer
 	fake *pstest.Server
-}
-
-// ModifyAckDeadline: pstest indexes its message table with every ack id
-// without a nil check, so an unknown ack id crashes the whole process. Ack ids
-// are message ids in pstest; ignore the unknown ones, as the real service does
-// for ack ids that are no longer valid.
-func (s *service) ModifyAckDeadline(ctx context.Context, req *pb.ModifyAckDeadlineRequest) (*emptypb.Empty, error) {
-	known := make([]string, 0, len(req.AckIds))
-	for _, id := range req.AckIds {
-		if s.fake.Message(id) != nil {
-			known = append(known, id)
-		} else if verbose {
-			log.Printf("ModifyAckDeadline: ignoring unknown ack id %q", id)
-		}
-	}
-	r := *req
-	r.AckIds = known
-	return s.GServer.ModifyAckDeadline(ctx, &r)
 }
 
 // StreamingPull: pstest indexes ModifyDeadlineSeconds with the position in
@@ -238,35 +270,9 @@ func (c checkedStream) Recv() (*pb.StreamingPullRequest, error) {
 	return req, nil
 }
 
-func unimplemented(method string) error {
-	return status.Errorf(codes.Unimplemented, "pstest does not implement %s", method)
-}
-
-func (s *service) ListTopicSnapshots(context.Context, *pb.ListTopicSnapshotsRequest) (*pb.ListTopicSnapshotsResponse, error) {
-	return nil, unimplemented("ListTopicSnapshots")
-}
-func (s *service) ModifyPushConfig(context.Context, *pb.ModifyPushConfigRequest) (*emptypb.Empty, error) {
-	return nil, unimplemented("ModifyPushConfig")
-}
-func (s *service) GetSnapshot(context.Context, *pb.GetSnapshotRequest) (*pb.Snapshot, error) {
-	return nil, unimplemented("GetSnapshot")
-}
-func (s *service) ListSnapshots(context.Context, *pb.ListSnapshotsRequest) (*pb.ListSnapshotsResponse, error) {
-	return nil, unimplemented("ListSnapshots")
-}
-func (s *service) CreateSnapshot(context.Context, *pb.CreateSnapshotRequest) (*pb.Snapshot, error) {
-	return nil, unimplemented("CreateSnapshot")
-}
-func (s *service) UpdateSnapshot(context.Context, *pb.UpdateSnapshotRequest) (*pb.Snapshot, error) {
-	return nil, unimplemented("UpdateSnapshot")
-}
-func (s *service) DeleteSnapshot(context.Context, *pb.DeleteSnapshotRequest) (*emptypb.Empty, error) {
-	return nil, unimplemented("DeleteSnapshot")
-}
-
 // The interceptors log RPCs with -v and turn any remaining panic inside a
 // handler into an INTERNAL error instead of killing the emulator.
-func unaryInterceptor(ctx context.Context, req interface{}, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp interface{}, err error) {
+func unaryInterceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp any, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			log.Printf("PANIC in %s: %v\n%s", info.FullMethod, r, debug.Stack())
@@ -280,7 +286,7 @@ func unaryInterceptor(ctx context.Context, req interface{}, info *grpc.UnaryServ
 	return resp, err
 }
 
-func streamInterceptor(srv interface{}, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) (err error) {
+func streamInterceptor(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			log.Printf("PANIC in %s: %v\n%s", info.FullMethod, r, debug.Stack())

@@ -2,11 +2,8 @@
 //! `cloud.google.com/go/pubsub/pstest`, wrapped in a tiny Go `main`
 //! (`testsupport/pstest/main.go`) that serves it over gRPC.
 //!
-//! The binary is built on first use with the Debian packages `golang-go` and
-//! `golang-google-cloud-dev` (offline, GOPATH mode) and cached under
-//! `$CARGO_TARGET_DIR/pstest/` (default `target/pstest/`), keyed by a hash of
-//! the Go sources and the Go version. Several test processes may race to build
-//! it: each builds into a temporary file and renames it into place atomically.
+//! The binary is built on first use from its Go module (`testsupport/pstest`, pinned to
+//! `cloud.google.com/go/pubsub/v2`) and cached outside the clone by [`crate::gotool`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), gar_testsupport::emulator::EmulatorError> {
@@ -19,54 +16,38 @@
 //! # }
 //! ```
 //!
-//! Behaviour worth knowing (pstest 0.56): message ids are `m0, m1, ...` and ack
-//! ids equal message ids; `delivery_attempt` is never set; ack deadlines below
-//! 10 s are rejected; a StreamingPull stream gets at most one message per 10 ms
-//! tick; all state is in memory, so a restarted emulator only has the topics and
-//! subscriptions given on its command line. The wrapper turns pstest's crashes
-//! (unknown ack id in a unary ModifyAckDeadline, snapshot RPCs, mismatched
-//! modify-deadline lists on a stream) into ordinary gRPC errors.
+//! Behaviour worth knowing (pstest v2.9): message ids are `m0, m1, ...`;
+//! `delivery_attempt` is set only on subscriptions with a dead-letter policy
+//! ([`Emulator::start_with`]), which also forwards a message to the dead-letter topic
+//! after that many deliveries, as Pub/Sub does; ack deadlines below 10 s are
+//! rejected; a StreamingPull stream gets at most one message per 10 ms tick; all
+//! state is in memory, so a restarted emulator only has the topics and
+//! subscriptions given on its command line. The wrapper turns the one remaining
+//! crash (mismatched modify-deadline lists on a stream) into a gRPC error.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::gotool::{self, GoToolError};
 
 /// How long a started emulator gets to print its `READY` line (the build, if
-/// one is needed, is not counted: a cold build takes about a minute on 2 cores).
+/// one is needed, is not counted).
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// Upper bound for `go build`.
-pub const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 /// Environment variable naming a prebuilt pstest binary; skips the build.
 pub const PSTEST_BIN_ENV: &str = "GAR_PSTEST_BIN";
 /// Set this environment variable to keep the emulator logs of passing tests too.
 pub const KEEP_LOGS_ENV: &str = "GAR_PSTEST_KEEP_LOGS";
 
-/// Debian's GOPATH, holding the pstest source and its dependencies.
-const GOPATH: &str = "/usr/share/gocode";
-const PSTEST_IMPORT_PATH: &str = "cloud.google.com/go/pubsub/pstest";
-const APT_HINT: &str = "install them with `apt-get install -y golang-go golang-google-cloud-dev`";
-
 #[derive(Debug, thiserror::Error)]
 pub enum EmulatorError {
-    #[error(
-        "the Go toolchain (`go`) is not installed or not on PATH; the pstest emulator needs the Debian packages golang-go and golang-google-cloud-dev: {APT_HINT}"
-    )]
-    GoMissing,
-    #[error("the pstest Go source is missing ({}); it comes with the Debian package golang-google-cloud-dev (builds also need golang-go): {APT_HINT}", .0.display())]
-    PstestSourceMissing(PathBuf),
-    #[error("`go build` of {} failed ({status}); command: {command}\n{output}", .dir.display())]
-    Build {
-        dir: PathBuf,
-        command: String,
-        status: String,
-        output: String,
-    },
+    #[error(transparent)]
+    Build(#[from] GoToolError),
     #[error("{context}: {error}")]
     Io {
         context: String,
@@ -93,6 +74,30 @@ struct Config {
     project: String,
     topics: Vec<String>,
     subscriptions: Vec<(String, String)>,
+    /// `(subscription, dead-letter topic, max delivery attempts)`.
+    dead_letters: Vec<(String, String, u32)>,
+}
+
+impl Config {
+    fn new(
+        project: &str,
+        topics: &[&str],
+        subscriptions: &[(&str, &str)],
+        dead_letters: &[(&str, &str, u32)],
+    ) -> Config {
+        Config {
+            project: project.to_owned(),
+            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+            subscriptions: subscriptions
+                .iter()
+                .map(|(s, t)| ((*s).to_owned(), (*t).to_owned()))
+                .collect(),
+            dead_letters: dead_letters
+                .iter()
+                .map(|(s, t, n)| ((*s).to_owned(), (*t).to_owned(), *n))
+                .collect(),
+        }
+    }
 }
 
 /// A running pstest emulator. The child process is killed when this is dropped
@@ -129,15 +134,26 @@ impl Emulator {
         topics: &[&str],
         subscriptions: &[(&str, &str)],
     ) -> Result<Emulator, EmulatorError> {
+        let config = Config::new(project, topics, subscriptions, &[]);
+        Self::start_config(addr, config).await
+    }
+
+    /// Like [`Emulator::start`], with a Pub/Sub dead-letter policy on some subscriptions:
+    /// `(subscription, dead-letter topic, max delivery attempts)`. Those subscriptions count
+    /// deliveries and set `delivery_attempt`, and forward a message to the dead-letter
+    /// topic after that many, as Pub/Sub does.
+    pub async fn start_with_dead_letters(
+        project: &str,
+        topics: &[&str],
+        subscriptions: &[(&str, &str)],
+        dead_letters: &[(&str, &str, u32)],
+    ) -> Result<Emulator, EmulatorError> {
+        let config = Config::new(project, topics, subscriptions, dead_letters);
+        Self::start_config("127.0.0.1:0", config).await
+    }
+
+    async fn start_config(addr: &str, config: Config) -> Result<Emulator, EmulatorError> {
         let addr = addr.to_owned();
-        let config = Config {
-            project: project.to_owned(),
-            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
-            subscriptions: subscriptions
-                .iter()
-                .map(|(s, t)| ((*s).to_owned(), (*t).to_owned()))
-                .collect(),
-        };
         tokio::task::spawn_blocking(move || Self::spawn(&addr, config, None))
             .await
             .map_err(|e| EmulatorError::Io {
@@ -154,14 +170,7 @@ impl Emulator {
         topics: &[&str],
         subscriptions: &[(&str, &str)],
     ) -> Result<Emulator, EmulatorError> {
-        let config = Config {
-            project: project.to_owned(),
-            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
-            subscriptions: subscriptions
-                .iter()
-                .map(|(s, t)| ((*s).to_owned(), (*t).to_owned()))
-                .collect(),
-        };
+        let config = Config::new(project, topics, subscriptions, &[]);
         Self::spawn(addr, config, None)
     }
 
@@ -265,7 +274,14 @@ impl Emulator {
             cmd.arg("-topic").arg(topic);
         }
         for (sub, topic) in &config.subscriptions {
-            cmd.arg("-subscription").arg(format!("{sub}={topic}"));
+            let policy = config
+                .dead_letters
+                .iter()
+                .find(|(s, _, _)| s == sub)
+                .map(|(_, dlq, max)| format!(",dead-letter={dlq}:{max}"))
+                .unwrap_or_default();
+            cmd.arg("-subscription")
+                .arg(format!("{sub}={topic}{policy}"));
         }
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -373,7 +389,7 @@ fn read_log_tail(path: &Path, from: u64) -> String {
 
 fn new_log_path() -> Result<PathBuf, EmulatorError> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
-    let dir = cache_dir().join("logs");
+    let dir = logs_dir();
     fs::create_dir_all(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
     Ok(dir.join(format!("pstest-{}-{seq}.log", std::process::id())))
@@ -381,18 +397,11 @@ fn new_log_path() -> Result<PathBuf, EmulatorError> {
 
 /// The workspace root (the parent of the `testsupport` crate).
 pub fn find_repo_root() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).to_path_buf()
+    gotool::repo_root()
 }
 
-/// Directory holding the Go source of the emulator (`testsupport/pstest`).
-pub fn pstest_source_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("pstest")
-}
-
-/// Where built binaries and logs go: `$CARGO_TARGET_DIR/pstest`, else
-/// `<repo>/target/pstest`.
-pub fn cache_dir() -> PathBuf {
+/// Where emulator logs go: `$CARGO_TARGET_DIR/pstest-logs`, else `<repo>/target/pstest-logs`.
+pub fn logs_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .or_else(|| option_env!("CARGO_TARGET_DIR").map(PathBuf::from))
@@ -404,212 +413,16 @@ pub fn cache_dir() -> PathBuf {
             }
         })
         .unwrap_or_else(|| find_repo_root().join("target"));
-    target.join("pstest")
+    target.join("pstest-logs")
 }
 
 /// Builds the emulator binary if no up-to-date one is cached and returns its
-/// path. Fails with a message naming the missing Debian packages when `go` or
-/// the pstest source are not installed. Honours `GAR_PSTEST_BIN`.
+/// path. Honours `GAR_PSTEST_BIN`.
 pub fn build_pstest() -> Result<PathBuf, EmulatorError> {
     if let Some(bin) = std::env::var_os(PSTEST_BIN_ENV) {
         return Ok(PathBuf::from(bin));
     }
-    // One build at a time per process; other processes are handled by the
-    // atomic rename in `build_uncached`.
-    static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
-    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(bin) = built.as_ref().filter(|b| b.is_file()) {
-        return Ok(bin.clone());
-    }
-    let bin = build_uncached()?;
-    *built = Some(bin.clone());
-    Ok(bin)
-}
-
-fn build_uncached() -> Result<PathBuf, EmulatorError> {
-    let src_dir = pstest_source_dir();
-    let pstest_src = Path::new(GOPATH)
-        .join("src")
-        .join(PSTEST_IMPORT_PATH)
-        .join("fake.go");
-    if !pstest_src.is_file() {
-        return Err(EmulatorError::PstestSourceMissing(pstest_src));
-    }
-    let go_version = match go_command().arg("version").output() {
-        Ok(out) if out.status.success() => out.stdout,
-        Ok(out) => {
-            return Err(EmulatorError::Build {
-                dir: src_dir,
-                command: "go version".into(),
-                status: out.status.to_string(),
-                output: String::from_utf8_lossy(&out.stderr).into_owned(),
-            });
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(EmulatorError::GoMissing),
-        Err(e) => return Err(io_err("cannot run `go version`")(e)),
-    };
-
-    // Cache key: our Go sources, the pstest source and the toolchain version.
-    let mut hasher = Fnv1a::default();
-    hasher.write(&go_version);
-    hasher.write(
-        &fs::read(&pstest_src).map_err(io_err(format!("cannot read {}", pstest_src.display())))?,
-    );
-    let mut sources: Vec<PathBuf> = fs::read_dir(&src_dir)
-        .map_err(io_err(format!("cannot list {}", src_dir.display())))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "go"))
-        .collect();
-    sources.sort();
-    for src in &sources {
-        hasher.write(src.file_name().unwrap_or_default().as_encoded_bytes());
-        hasher.write(&fs::read(src).map_err(io_err(format!("cannot read {}", src.display())))?);
-    }
-    let name = format!("pstest-{:016x}", hasher.0);
-
-    let dir = cache_dir();
-    let bin = dir.join(&name);
-    if bin.is_file() {
-        return Ok(bin);
-    }
-    fs::create_dir_all(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let unique = format!("{}.{nanos}", std::process::id());
-    let tmp = dir.join(format!(".{name}.{unique}.tmp"));
-    let log_path = dir.join(format!(".build.{unique}.log"));
-    let log =
-        File::create(&log_path).map_err(io_err(format!("cannot create {}", log_path.display())))?;
-    let log2 = log
-        .try_clone()
-        .map_err(io_err("cannot duplicate the build log handle"))?;
-
-    let mut cmd = go_command();
-    cmd.current_dir(&src_dir)
-        .args(["build", "-trimpath", "-o"])
-        .arg(&tmp)
-        .arg(".")
-        .env("GO111MODULE", "off")
-        .env("GOPATH", GOPATH)
-        .env("CGO_ENABLED", "0")
-        .env("GOFLAGS", "")
-        .env("GOPROXY", "off")
-        .env("GOTOOLCHAIN", "local")
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2);
-    if std::env::var_os("GOCACHE").is_none()
-        && std::env::var_os("HOME").is_none()
-        && std::env::var_os("XDG_CACHE_HOME").is_none()
-    {
-        cmd.env("GOCACHE", dir.join("go-build"));
-    }
-    let command = format!(
-        "cd {} && GO111MODULE=off GOPATH={GOPATH} CGO_ENABLED=0 go build -trimpath -o {} .",
-        src_dir.display(),
-        tmp.display()
-    );
-    let result = run_with_timeout(&mut cmd, BUILD_TIMEOUT);
-    let output = fs::read_to_string(&log_path).unwrap_or_default();
-    let _ = fs::remove_file(&log_path);
-    let status = match result {
-        Ok(status) => status,
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            if e.kind() == io::ErrorKind::NotFound {
-                return Err(EmulatorError::GoMissing);
-            }
-            return Err(EmulatorError::Build {
-                dir: src_dir,
-                command,
-                status: e.to_string(),
-                output,
-            });
-        }
-    };
-    if !status.success() {
-        let _ = fs::remove_file(&tmp);
-        return Err(EmulatorError::Build {
-            dir: src_dir,
-            command,
-            status: status.to_string(),
-            output,
-        });
-    }
-    fs::rename(&tmp, &bin).map_err(io_err(format!(
-        "cannot move {} to {}",
-        tmp.display(),
-        bin.display()
-    )))?;
-    remove_stale_binaries(&dir, &name);
-    Ok(bin)
-}
-
-fn go_command() -> Command {
-    Command::new(std::env::var_os("GO").unwrap_or_else(|| "go".into()))
-}
-
-/// Runs `cmd`, killing it after `timeout`.
-fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> io::Result<std::process::ExitStatus> {
-    let mut child = cmd.spawn()?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("timed out after {timeout:?}"),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Removes binaries built from older sources (best effort; a running
-/// emulator keeps working after its executable is unlinked).
-fn remove_stale_binaries(dir: &Path, keep: &str) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        let is_bin = name
-            .strip_prefix("pstest-")
-            .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()));
-        if is_bin && name != keep {
-            let _ = fs::remove_file(entry.path());
-        }
-    }
-}
-
-/// FNV-1a, 64 bit: stable across Rust versions, unlike `DefaultHasher`.
-struct Fnv1a(u64);
-
-impl Default for Fnv1a {
-    fn default() -> Self {
-        Fnv1a(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv1a {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
-        // Length separator so that ("ab", "c") and ("a", "bc") differ.
-        for b in (bytes.len() as u64).to_le_bytes() {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
+    Ok(gotool::PSTEST.binary("pstest")?)
 }
 
 #[cfg(test)]
@@ -717,10 +530,25 @@ mod tests {
     }
 
     #[test]
-    fn emulator_build_is_cached() {
+    fn emulator_build_is_cached_outside_the_clone() {
+        if std::env::var_os(PSTEST_BIN_ENV).is_some() {
+            return; // a prebuilt binary was given; nothing is built
+        }
         let a = build_pstest().expect("build");
-        let b = build_uncached().expect("cached build");
+        let key = gotool::PSTEST.cache_key().expect("cache key");
+        assert_eq!(a, gotool::tools_dir().join(key).join("pstest"));
+        assert!(
+            !a.starts_with(find_repo_root()),
+            "{} is inside the clone",
+            a.display()
+        );
+        // A second lookup (another test process) finds the same binary without a build.
+        let modified = fs::metadata(&a).and_then(|m| m.modified()).expect("mtime");
+        let b = gotool::PSTEST.binary("pstest").expect("cached build");
         assert_eq!(a, b);
-        assert!(a.starts_with(cache_dir()));
+        assert_eq!(
+            fs::metadata(&b).and_then(|m| m.modified()).expect("mtime"),
+            modified
+        );
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! Kept out of the daemon crate so that nothing here can leak into the shipped binary.
 
+pub mod cluster;
 pub mod emulator;
 pub mod fake_api;
 pub mod fixtures;
+pub mod gotool;
 pub mod http;

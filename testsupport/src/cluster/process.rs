@@ -1,0 +1,140 @@
+//! Child processes that never outlive the test that started them.
+//!
+//! A test can end by a panic, a timeout or a SIGKILL of the whole test binary, and Rust
+//! never runs destructors of statics (the shared cluster is one). So besides killing on
+//! drop, every child is started with `PR_SET_PDEATHSIG`: the kernel sends it SIGKILL when
+//! its parent *thread* exits. That is why children are spawned from one dedicated thread
+//! that lives as long as the process, not from whichever (pool) thread asked.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use super::ClusterError;
+
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+fn spawner() -> &'static Mutex<mpsc::Sender<SpawnRequest>> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("gar-testsupport-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+                // The senders live in a static, so this loop never ends before the process.
+                loop {
+                    std::thread::park();
+                }
+            })
+            .map(|_| ())
+            .unwrap_or_else(|e| panic!("cannot start the process spawner thread: {e}"));
+        Mutex::new(tx)
+    })
+}
+
+/// A running control-plane process, its name and its log file.
+#[derive(Debug)]
+pub struct Process {
+    pub name: &'static str,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Process {
+    /// Starts `bin args…` with stdout and stderr to `log`, tied to this process's life.
+    pub fn spawn(
+        name: &'static str,
+        bin: &Path,
+        args: &[String],
+        log: PathBuf,
+    ) -> Result<Process, ClusterError> {
+        let setup = |e: std::io::Error| {
+            ClusterError::Setup(format!("cannot start {name} ({}): {e}", bin.display()))
+        };
+        let out = File::create(&log).map_err(setup)?;
+        let err = out.try_clone().map_err(setup)?;
+        let mut cmd = Command::new(bin);
+        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let (tx, rx) = mpsc::channel();
+        spawner()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send((cmd, tx))
+            .map_err(|_| ClusterError::Setup("the process spawner thread is gone".into()))?;
+        let child = rx
+            .recv()
+            .map_err(|_| ClusterError::Setup("the process spawner thread is gone".into()))?
+            .map_err(setup)?;
+        Ok(Process {
+            name,
+            log,
+            child: Some(child),
+        })
+    }
+
+    /// The process id, while it runs.
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `Some(status)` once the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// The last `max` bytes of the log, for error messages.
+    pub fn log_tail(&self, max: usize) -> String {
+        let text = std::fs::read(&self.log).unwrap_or_default();
+        let start = text.len().saturating_sub(max);
+        String::from_utf8_lossy(&text[start..]).into_owned()
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; waits for the exit either way.
+    pub fn stop(&mut self, grace: Duration) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        if let Ok(pid) = i32::try_from(child.id()) {
+            // SAFETY: plain syscall on a pid we own and have not reaped.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+    }
+}
