@@ -166,6 +166,14 @@ for t in "${targets[@]}"; do
   fi
   check_render "$t" "$file"
 done
+# Production and the chart's default run a digest, never a tag alone.
+for f in "$out/overlays-production.yaml"; do
+  if grep -qE '^ +image: +"?[^ ]+@sha256:[0-9a-f]{64}"?$' "$f" && ! grep -qE '^ +image: +"?[^@ ]+"?$' "$f"; then
+    ok "deploy/overlays/production: image pinned by digest"
+  else
+    bad "deploy/overlays/production: an image is not pinned by digest ($(grep -E '^ +image:' "$f" | tr -s ' ' | head -3))"
+  fi
+done
 
 # --- kustomize in another namespace -------------------------------------------
 # Generated kustomizations (kustomize loads only relative paths, so they live
