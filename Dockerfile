@@ -12,13 +12,33 @@
 # so nothing else is needed at run time. The final image has no shell and no
 # package manager.
 
+# Base images. Pin both by digest for a reproducible build:
+#   docker buildx imagetools inspect rust:1.95-bookworm                  # "Digest: sha256:..."
+#   docker buildx imagetools inspect gcr.io/distroless/cc-debian12:nonroot
+# and build with
+#   --build-arg RUST_IMAGE=rust:1.95-bookworm@sha256:<digest> \
+#   --build-arg RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot@sha256:<digest>
+# (or write them into the defaults below). To update: re-run the inspect
+# commands and replace the digests. The defaults are NOT pinned yet: no
+# digest could be verified from where this file was written, and a made-up
+# digest would only break the build. REQUIRE_PINNED=1 (release builds) makes
+# the build fail unless both references carry @sha256:.
 ARG RUST_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+ARG REQUIRE_PINNED=0
 
 # --------------------------------------------------------------------------- #
 FROM ${RUST_IMAGE} AS builder
 
 SHELL ["/bin/bash", "-euo", "pipefail", "-c"]
+ARG RUST_IMAGE
+ARG RUNTIME_IMAGE
+ARG REQUIRE_PINNED
+RUN if [[ "$REQUIRE_PINNED" == 1 ]]; then \
+      for ref in "$RUST_IMAGE" "$RUNTIME_IMAGE"; do \
+        [[ "$ref" =~ @sha256:[0-9a-f]{64}$ ]] || { echo "base image $ref is not pinned by digest" >&2; exit 1; }; \
+      done; \
+    fi
 WORKDIR /src
 ENV CARGO_TERM_COLOR=never \
     CARGO_INCREMENTAL=0

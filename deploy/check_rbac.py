@@ -36,6 +36,26 @@ Pod - for the gar-restarter Deployment:
     cache dir without subPath/subPathExpr, and no other volume references
     those ConfigMaps.
 
+Optional objects, when present in the render:
+  * ServiceMonitor / PodMonitor (Prometheus Operator): in the daemon's
+    namespace, selecting the metrics Service / the daemon pods, scraping the
+    port named metrics at /metrics;
+  * NetworkPolicy gar-restarter: selects the daemon pods, types Ingress and
+    Egress, ingress only to TCP 9090, egress only to 53 (UDP/TCP), 443, 6443,
+    4317 and 4318;
+  * ValidatingAdmissionPolicy (+ binding, validationActions [Deny],
+    failurePolicy Fail): its variables and validations are exactly those of
+    deploy/components/admission-policy/policy.yaml, and its matchCondition
+    matches the daemon's ServiceAccount (exactly, or any SA named
+    gar-restarter).
+
+`check_rbac.py --expect-namespace NS FILE` also checks that the daemon runs in
+NS: every namespaced object is in NS (except the per-namespace workload
+Roles/RoleBindings, which must be in the --namespace list), every binding
+subject is NS/gar-restarter, any Namespace object is NS, and no string in the
+render names a Service in the namespace gar-restarter (`*.gar-restarter.svc`)
+unless NS is gar-restarter.
+
 `check_rbac.py --codec src/cache/codec.rs` checks that MAX_SHARDS there is
 the shard count assumed here.
   * terminationGracePeriodSeconds > --shutdown-timeout (default 20s);
@@ -82,6 +102,7 @@ METRICS_PORT = 9090
 DEFAULT_SHUTDOWN_TIMEOUT_S = 20.0
 DEFAULT_CACHE_DIR = "/etc/cache"
 WI_ANNOTATION = "iam.gke.io/gcp-service-account"
+METRICS_SERVICE = "gar-restarter-metrics"
 
 Doc = dict[str, Any]
 
@@ -142,9 +163,10 @@ def arg_values(args: list[str], flag: str) -> list[str]:
 
 
 class Checker:
-    def __init__(self, docs: list[Doc]):
+    def __init__(self, docs: list[Doc], expect_ns: str | None = None):
         self.docs = docs
         self.errors: list[str] = []
+        self.expect_ns = expect_ns
 
     def fail(self, msg: str) -> None:
         self.errors.append(msg)
@@ -178,6 +200,11 @@ class Checker:
         self.check_shutdown()
         self.check_probes_and_env()
         self.check_service_account()
+        self.check_monitors()
+        self.check_network_policy()
+        self.check_admission_policy()
+        if self.expect_ns is not None:
+            self.check_namespace(self.expect_ns)
         return self.errors
 
     # ------------------------------------------------------------------ #
@@ -524,9 +551,166 @@ class Checker:
         if not re.fullmatch(r"[a-z][a-z0-9-]*@[A-Za-z0-9_.:-]+\.iam\.gserviceaccount\.com", gsa):
             self.fail(f"ServiceAccount {name}: needs annotation {WI_ANNOTATION}=NAME@PROJECT.iam.gserviceaccount.com")
 
+    # ------------------------------------------------------------------ #
+    def pod_labels(self) -> dict:
+        dep = next(d for d in self.of_kind("Deployment") if meta(d).get("name") == APP)
+        return ((dep["spec"].get("template") or {}).get("metadata") or {}).get("labels") or {}
 
-def check_docs(docs: list[Doc]) -> list[str]:
-    return Checker(docs).run()
+    def check_monitors(self) -> None:
+        svc = next((s for s in self.of_kind("Service") if meta(s).get("name") == METRICS_SERVICE), None)
+        for kind, endpoints_key, target in (
+            ("ServiceMonitor", "endpoints", "service"),
+            ("PodMonitor", "podMetricsEndpoints", "pod"),
+        ):
+            for m in self.of_kind(kind):
+                where = ident(m)
+                spec = m.get("spec") or {}
+                if meta(m).get("namespace") != self.ns:
+                    self.fail(f"{where}: must be in the daemon's namespace {self.ns}")
+                unknown = sorted(set(spec) - {"selector", endpoints_key, "jobLabel", "namespaceSelector"})
+                if unknown:
+                    self.fail(f"{where}: unexpected spec fields {unknown}")
+                sel = (spec.get("selector") or {}).get("matchLabels") or {}
+                if target == "service":
+                    labels = meta(svc).get("labels") or {} if svc else {}
+                    what = f"Service {METRICS_SERVICE}"
+                else:
+                    labels = self.pod_labels()
+                    what = f"the {APP} pods"
+                if not sel or any(labels.get(k) != v for k, v in sel.items()):
+                    self.fail(f"{where}: selector {sel} does not select {what} (labels {labels})")
+                eps = spec.get(endpoints_key) or []
+                if not eps:
+                    self.fail(f"{where}: no {endpoints_key}")
+                for ep in eps:
+                    if ep.get("port") != "metrics" or ep.get("path", "/metrics") != "/metrics":
+                        self.fail(f"{where}: must scrape port `metrics` at /metrics, got {ep}")
+                    extra = sorted(set(ep) - {"port", "path", "scheme", "interval", "scrapeTimeout", "honorLabels"})
+                    if extra:
+                        self.fail(f"{where}: unexpected endpoint fields {extra}")
+
+    def check_network_policy(self) -> None:
+        for np_ in self.of_kind("NetworkPolicy"):
+            where = ident(np_)
+            spec = np_.get("spec") or {}
+            sel = (spec.get("podSelector") or {}).get("matchLabels") or {}
+            labels = self.pod_labels()
+            if not sel or any(labels.get(k) != v for k, v in sel.items()):
+                self.fail(f"{where}: podSelector {sel} does not select the {APP} pods")
+            if sorted(spec.get("policyTypes") or []) != ["Egress", "Ingress"]:
+                self.fail(f"{where}: policyTypes must be Ingress and Egress, got {spec.get('policyTypes')}")
+            ingress = spec.get("ingress") or []
+            if not ingress:
+                self.fail(f"{where}: no ingress rule: the metrics port would be unreachable")
+            for rule in ingress:
+                ports = [(p.get("port"), p.get("protocol", "TCP")) for p in rule.get("ports") or []]
+                if ports != [(METRICS_PORT, "TCP")] and ports != [("metrics", "TCP")]:
+                    self.fail(f"{where}: ingress must allow only TCP {METRICS_PORT}, got {ports or 'all ports'}")
+            allowed = {(53, "UDP"), (53, "TCP"), (443, "TCP"), (6443, "TCP"), (4317, "TCP"), (4318, "TCP")}
+            seen = set()
+            for rule in spec.get("egress") or []:
+                ports = [(p.get("port"), p.get("protocol", "TCP")) for p in rule.get("ports") or []]
+                if not ports:
+                    self.fail(f"{where}: an egress rule without ports allows every port")
+                for p in ports:
+                    seen.add(p)
+                    if p not in allowed:
+                        self.fail(f"{where}: egress port {p} is not DNS, the API server, Google APIs or OTLP")
+            for need in ((53, "UDP"), (443, "TCP")):
+                if need not in seen:
+                    self.fail(f"{where}: egress {need} missing (DNS / API server and Google APIs)")
+
+    def check_admission_policy(self) -> None:
+        policies = self.of_kind("ValidatingAdmissionPolicy")
+        bindings = self.of_kind("ValidatingAdmissionPolicyBinding")
+        if not policies and not bindings:
+            return
+        if len(policies) != 1 or len(bindings) != 1:
+            self.fail(f"expected one ValidatingAdmissionPolicy and one binding, got {len(policies)} and {len(bindings)}")
+            return
+        pol, bnd = policies[0], bindings[0]
+        spec = pol.get("spec") or {}
+        bspec = bnd.get("spec") or {}
+        if bspec.get("policyName") != meta(pol).get("name"):
+            self.fail(f"{ident(bnd)}: policyName {bspec.get('policyName')!r} is not {meta(pol).get('name')!r}")
+        if bspec.get("validationActions") != ["Deny"]:
+            self.fail(f"{ident(bnd)}: validationActions must be [Deny], got {bspec.get('validationActions')}")
+        if bspec.get("matchResources") or bspec.get("paramRef"):
+            self.fail(f"{ident(bnd)}: must apply everywhere (no matchResources, no paramRef)")
+        if spec.get("failurePolicy") != "Fail":
+            self.fail(f"{ident(pol)}: failurePolicy must be Fail, got {spec.get('failurePolicy')}")
+        conds = spec.get("matchConditions") or []
+        exprs = [c.get("expression", "") for c in conds]
+        exact = f"request.userInfo.username == 'system:serviceaccount:{self.ns}:{SERVICE_ACCOUNT}'"
+        if exprs not in ([exact], [ANY_SA_CONDITION]):
+            self.fail(f"{ident(pol)}: matchConditions must match the daemon's ServiceAccount ({exact}), got {exprs}")
+        rules = (spec.get("matchConstraints") or {}).get("resourceRules") or []
+        covered = {(g, r) for rule in rules for g in rule.get("apiGroups") or [] for r in rule.get("resources") or []
+                   if "UPDATE" in (rule.get("operations") or []) or "*" in (rule.get("operations") or [])}
+        for res in sorted(WORKLOAD_RESOURCES):
+            if ("apps", res) not in covered:
+                self.fail(f"{ident(pol)}: does not match UPDATE of apps/{res}")
+        canonical = load_canonical_policy()
+        if canonical is None:
+            self.fail(f"cannot read the canonical policy {CANONICAL_POLICY}")
+            return
+        cspec = canonical.get("spec") or {}
+        for key in ("variables", "validations", "matchConstraints"):
+            if spec.get(key) != cspec.get(key):
+                self.fail(f"{ident(pol)}: spec.{key} differs from {os.path.relpath(CANONICAL_POLICY)}")
+
+    def check_namespace(self, ns: str) -> None:
+        if self.ns != ns:
+            self.fail(f"the daemon runs in namespace {self.ns}, expected {ns}")
+        watched = set(arg_values(self.args, "--namespace"))
+        for d in self.docs:
+            kind, m = d.get("kind"), meta(d)
+            if kind == "Namespace":
+                if m.get("name") != ns:
+                    self.fail(f"{ident(d)}: expected the Namespace {ns}")
+                continue
+            if kind in CLUSTER_SCOPED:
+                continue
+            where = m.get("namespace")
+            if kind in ("Role", "RoleBinding") and m.get("name") == "gar-restarter-workloads":
+                if where not in watched:
+                    self.fail(f"{ident(d)}: per-namespace workload grant outside the --namespace list {sorted(watched)}")
+            elif where != ns:
+                self.fail(f"{ident(d)}: in namespace {where!r}, expected {ns}")
+            for s in d.get("subjects") or []:
+                if s.get("kind") == "ServiceAccount" and s.get("namespace") != ns:
+                    self.fail(f"{ident(d)}: subject {s} is not in {ns}")
+        for d in self.of_kind("ClusterRoleBinding"):
+            for s in d.get("subjects") or []:
+                if s.get("namespace") != ns:
+                    self.fail(f"{ident(d)}: subject {s} is not in {ns}")
+        if ns != "gar-restarter":
+            text = yaml.dump_all(self.docs, Dumper=Dumper)
+            for hit in sorted(set(re.findall(r"[a-z0-9-]+\.gar-restarter\.svc[a-z0-9.:-]*", text))):
+                self.fail(f"{hit}: names a Service in namespace gar-restarter, not {ns}")
+
+
+CANONICAL_POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "components", "admission-policy", "policy.yaml")
+ANY_SA_CONDITION = (
+    "request.userInfo.username.startsWith('system:serviceaccount:') && "
+    f"request.userInfo.username.endsWith(':{SERVICE_ACCOUNT}')"
+)
+CLUSTER_SCOPED = frozenset({
+    "Namespace", "ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding", "PriorityClass", "CustomResourceDefinition",
+})
+
+
+def load_canonical_policy() -> Doc | None:
+    try:
+        docs = load_docs(CANONICAL_POLICY)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return next((d for d in docs if d.get("kind") == "ValidatingAdmissionPolicy"), None)
+
+
+def check_docs(docs: list[Doc], expect_ns: str | None = None) -> list[str]:
+    return Checker(docs, expect_ns).run()
 
 
 # --------------------------------------------------------------------------- #
@@ -697,9 +881,61 @@ MUTANTS: list[tuple[str, Callable[[list[Doc]], None]]] = [
 ]
 
 
-def run_cli(paths: list[str]) -> tuple[int, str]:
+def _vap(docs):
+    return _find(docs, "ValidatingAdmissionPolicy")
+
+
+def _validation(docs, needle):
+    return next(v for v in _vap(docs)["spec"]["validations"] if needle in v["expression"])
+
+
+def _netpol(docs):
+    return _find(docs, "NetworkPolicy")
+
+
+def _subject(docs, kind):
+    return _find(docs, kind)["subjects"][0]
+
+
+# For a render with every optional component, in namespace EXTRA_NS
+# (`--self-test --expect-namespace ops`); each must be rejected.
+EXTRA_MUTANTS: list[tuple[str, Callable[[list[Doc]], None]]] = [
+    ("RoleBinding subject left in gar-restarter",
+     lambda d: _subject(d, "RoleBinding").__setitem__("namespace", "gar-restarter")),
+    ("ClusterRoleBinding subject left in gar-restarter",
+     lambda d: _subject(d, "ClusterRoleBinding").__setitem__("namespace", "gar-restarter")),
+    ("Service left in gar-restarter",
+     lambda d: _find(d, "Service")["metadata"].__setitem__("namespace", "gar-restarter")),
+    ("env names a Service in gar-restarter", lambda d: _main(d)["env"].append(
+        {"name": "PUBSUB_EMULATOR_HOST", "value": "pubsub-emulator.gar-restarter.svc:8085"})),
+    ("ServiceMonitor selects another Service",
+     lambda d: _find(d, "ServiceMonitor")["spec"]["selector"]["matchLabels"].__setitem__("app.kubernetes.io/name", "x")),
+    ("ServiceMonitor scrapes another port",
+     lambda d: _find(d, "ServiceMonitor")["spec"]["endpoints"][0].__setitem__("port", "http")),
+    ("PodMonitor in another namespace",
+     lambda d: _find(d, "PodMonitor")["metadata"].__setitem__("namespace", "default")),
+    ("NetworkPolicy ingress on all ports", lambda d: _netpol(d)["spec"]["ingress"][0].pop("ports")),
+    ("NetworkPolicy egress to port 22",
+     lambda d: _netpol(d)["spec"]["egress"].append({"ports": [{"port": 22, "protocol": "TCP"}]})),
+    ("NetworkPolicy egress rule without ports", lambda d: _netpol(d)["spec"]["egress"].append({})),
+    ("NetworkPolicy without Egress type", lambda d: _netpol(d)["spec"].__setitem__("policyTypes", ["Ingress"])),
+    ("admission binding Audit only",
+     lambda d: _find(d, "ValidatingAdmissionPolicyBinding")["spec"].__setitem__("validationActions", ["Audit"])),
+    ("admission policy failurePolicy Ignore", lambda d: _vap(d)["spec"].__setitem__("failurePolicy", "Ignore")),
+    ("admission policy matches another user", lambda d: _vap(d)["spec"]["matchConditions"][0].__setitem__(
+        "expression", "request.userInfo.username == 'system:serviceaccount:gar-restarter:gar-restarter'")),
+    ("admission policy allows any annotation",
+     lambda d: _validation(d, "restartedAt").__setitem__("expression", "true")),
+    ("admission policy drops the image validation",
+     lambda d: _vap(d)["spec"]["validations"].remove(_validation(d, "sha256"))),
+    ("admission policy without statefulsets", lambda d: _vap(d)["spec"]["matchConstraints"]["resourceRules"][0].__setitem__(
+        "resources", ["deployments", "daemonsets"])),
+]
+
+
+def run_cli(paths: list[str], extra: list[str] | None = None) -> tuple[int, str]:
     proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), *paths],
+        [sys.executable, os.path.abspath(__file__), *(extra or []), *paths],
         capture_output=True,
         text=True,
         check=False,
@@ -707,13 +943,15 @@ def run_cli(paths: list[str]) -> tuple[int, str]:
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def self_test(path: str) -> int:
+def self_test(path: str, expect_ns: str | None = None) -> int:
     """Each mutant must be flagged in-process, and the real CLI (a separate
     process, so exit codes are what a shell or CI sees) must exit 0 on the good
     render and 1 on the mutants, naming every mutant file in a VIOLATION."""
     good = load_docs(path)
     missed: set[str] = set()
-    rc, out = run_cli([path])
+    extra = ["--expect-namespace", expect_ns] if expect_ns else []
+    mutants = MUTANTS + (EXTRA_MUTANTS if expect_ns else [])
+    rc, out = run_cli([path], extra)
     if rc != 0:
         print(f"self-test: FAIL the unmodified render {path} is rejected (rc={rc}):\n{out}")
         return 1
@@ -721,7 +959,7 @@ def self_test(path: str) -> int:
     cli_ok = True
     with tempfile.TemporaryDirectory(prefix="check-rbac-selftest-") as tmp:
         written: dict[str, str] = {}
-        for i, (name, mutate) in enumerate(MUTANTS):
+        for i, (name, mutate) in enumerate(mutants):
             docs = copy.deepcopy(good)
             try:
                 mutate(docs)
@@ -731,7 +969,7 @@ def self_test(path: str) -> int:
                 continue
             # Round-trip through YAML so the CLI reads exactly what we checked.
             text = yaml.dump_all(docs, Dumper=Dumper, sort_keys=False)
-            errors = check_docs([d for d in yaml.load_all(text, Loader=Loader) if d])
+            errors = check_docs([d for d in yaml.load_all(text, Loader=Loader) if d], expect_ns)
             if errors:
                 print(f"self-test: ok   {name:45s} -> {errors[0][:100]}")
             else:
@@ -742,7 +980,7 @@ def self_test(path: str) -> int:
                 fh.write(text)
             written[bad] = name
         if written:
-            rc, out = run_cli(list(written))
+            rc, out = run_cli(list(written), extra)
             flagged = {f for f in written if f"{f}: VIOLATION:" in out}
             if rc != 1:
                 print(f"self-test: FAIL CLI exit code on bad documents is {rc}, expected 1")
@@ -752,7 +990,7 @@ def self_test(path: str) -> int:
                 missed.add(written[f])
             if rc == 1 and flagged == set(written):
                 print(f"self-test: ok   CLI exits 1 and flags all {len(written)} bad documents")
-    total = len(MUTANTS)
+    total = len(mutants)
     if missed or not cli_ok:
         print(f"self-test: FAILED, {total - len(missed)}/{total} bad documents rejected")
         return 1
@@ -789,6 +1027,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--self-test", action="store_true", help="mutate the given good render and expect rejections")
     p.add_argument("--codec", metavar="CODEC_RS", help="check MAX_SHARDS in src/cache/codec.rs instead")
+    p.add_argument("--expect-namespace", metavar="NS", help="also check that the daemon and its objects live in NS")
     p.add_argument("files", nargs="*", help="rendered multi-document YAML (kubectl kustomize output)")
     a = p.parse_args(argv)
     if a.codec:
@@ -798,11 +1037,11 @@ def main(argv: list[str]) -> int:
     if not a.files:
         p.error("no rendered files given")
     if a.self_test:
-        return max(self_test(f) for f in a.files)
+        return max(self_test(f, a.expect_namespace) for f in a.files)
     rc = 0
     for f in a.files:
         try:
-            errors = check_docs(load_docs(f))
+            errors = check_docs(load_docs(f), a.expect_namespace)
         except (OSError, ValueError, yaml.YAMLError) as exc:
             print(f"{f}: ERROR: {exc}")
             return 2
