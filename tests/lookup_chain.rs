@@ -81,8 +81,8 @@ fn kubelet_swap(dir: &std::path::Path, generation: u32, cache_json: &str) {
     }
 }
 
-fn non_patch_requests(api: &FakeApi) -> Vec<String> {
-    api.requests()
+fn non_patch_requests(requests: Vec<gar_testsupport::traffic::RecordedRequest>) -> Vec<String> {
+    requests
         .into_iter()
         .filter(|r| r.method != "PATCH")
         .map(|r| format!("{} {}?{}", r.method, r.path, r.query.unwrap_or_default()))
@@ -104,7 +104,7 @@ async fn missing_mount_costs_exactly_one_get() {
     assert_eq!(hits.workloads.len(), 1);
     assert_eq!(hits.source, LookupSource::Memory);
     assert_eq!(
-        non_patch_requests(&api),
+        non_patch_requests(api.requests()),
         vec![format!(
             "GET /api/v1/namespaces/{CM_NS}/configmaps/{CM_NAME}?"
         )]
@@ -132,7 +132,7 @@ async fn missing_configmap_costs_list_pages_and_one_create() {
             .is_some())
         .await
     );
-    let reqs = non_patch_requests(&api);
+    let reqs = non_patch_requests(api.requests());
     let lists: Vec<&String> = reqs
         .iter()
         .filter(|r| r.starts_with("GET /apis/apps/v1/"))
@@ -201,7 +201,7 @@ async fn a_thousand_concurrent_misses_cost_one_list_sweep() {
         lists,
         3,
         "one sweep = one LIST per kind: {:#?}",
-        non_patch_requests(&api)
+        non_patch_requests(api.requests())
     );
 }
 
@@ -372,7 +372,7 @@ async fn mounted_index_is_served_and_swapped_live_without_api_calls() {
     h.publish(&insert("app:v1", HEX_A)).await;
     assert!(wait_until(Duration::from_secs(10), || h.api.patches().len() == 1).await);
     assert_eq!(
-        non_patch_requests(&h.api),
+        non_patch_requests(h.api.requests()),
         Vec::<String>::new(),
         "a hit costs 0 API calls"
     );
@@ -397,7 +397,7 @@ async fn mounted_index_is_served_and_swapped_live_without_api_calls() {
     let reload = swapped_at.elapsed();
     h.publish(&insert("worker:v1", HEX_B)).await;
     assert!(wait_until(Duration::from_secs(10), || h.api.patches().len() == 2).await);
-    assert_eq!(non_patch_requests(&h.api), Vec::<String>::new());
+    assert_eq!(non_patch_requests(h.api.requests()), Vec::<String>::new());
     eprintln!("kubelet swap served after {reload:?}");
 
     // A corrupt swap is refused; the previous index stays in use.
@@ -413,7 +413,7 @@ async fn mounted_index_is_served_and_swapped_live_without_api_calls() {
     assert_eq!(h.metric("gar_restarter_index_images"), 2.0);
     h.publish(&insert("worker:v1", HEX_A)).await;
     assert!(wait_until(Duration::from_secs(10), || h.api.patches().len() == 3).await);
-    assert_eq!(non_patch_requests(&h.api), Vec::<String>::new());
+    assert_eq!(non_patch_requests(h.api.requests()), Vec::<String>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

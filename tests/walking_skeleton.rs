@@ -1,4 +1,4 @@
-//! End to end: GAR events through pstest → the real daemon → the fake API server.
+//! End to end: GAR events through pstest → the real daemon → a real kube-apiserver.
 
 mod common;
 
@@ -9,7 +9,7 @@ use gar_testsupport::fake_api::deployment;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insert_restarts_exactly_the_deployments_running_the_tag() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
     h.api
         .insert(deployment("staging", "api", &[&gar("app:v1"), "redis:7"]));
@@ -77,7 +77,7 @@ async fn insert_restarts_exactly_the_deployments_running_the_tag() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn digest_only_push_and_delete_patch_nothing() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
     h.start_daemon().await;
     h.api.clear_requests();
@@ -110,7 +110,7 @@ async fn digest_only_push_and_delete_patch_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_message_is_dead_lettered_with_reason_and_acked() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     h.start_daemon().await;
     let attrs = std::collections::HashMap::from([("origin".to_string(), "test".to_string())]);
     let id = h.publish_with("{not json", attrs).await;
@@ -146,7 +146,7 @@ async fn malformed_message_is_dead_lettered_with_reason_and_acked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn digest_pinned_deployment_is_not_restarted_and_short_names_match() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     h.api.insert(deployment(
         "prod",
         "pinned",
@@ -188,7 +188,7 @@ async fn digest_pinned_deployment_is_not_restarted_and_short_names_match() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_ready_while_pubsub_is_unreachable() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     // Nothing listens there: the SDK retries silently, readiness must not pretend otherwise.
     h.extra_env.push((
         "PUBSUB_EMULATOR_HOST".into(),

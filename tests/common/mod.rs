@@ -1,6 +1,9 @@
-//! Harness for the integration tests: a pstest emulator, a fake Kubernetes API server and the
-//! real `gar-restarter` binary running as a separate process against both.
+//! Harness for the integration tests: a pstest emulator, a Kubernetes API (a real control
+//! plane behind a fault proxy, or the fake API server) and the real `gar-restarter` binary
+//! running as a separate process against both.
 #![allow(dead_code)]
+
+pub mod backend;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -11,6 +14,9 @@ use std::time::{Duration, Instant};
 
 use gar_testsupport::emulator::Emulator;
 use gar_testsupport::fake_api::FakeApi;
+use gar_testsupport::kube_api::KubeApi;
+
+pub use backend::TestApi;
 use google_cloud_pubsub::client::{BasePublisher, Publisher, Subscriber};
 use google_cloud_pubsub::model::Message;
 use serde_json::Value;
@@ -52,7 +58,7 @@ pub fn free_port() -> u16 {
 
 pub struct Harness {
     pub emulator: Emulator,
-    pub api: FakeApi,
+    pub api: TestApi,
     pub dir: tempfile::TempDir,
     pub daemon: Option<Child>,
     pub metrics_addr: SocketAddr,
@@ -66,6 +72,26 @@ impl Harness {
     /// fake API server. The daemon is started separately so tests can seed objects first.
     pub async fn new() -> Harness {
         Harness::with_subscriptions(&[]).await
+    }
+
+    /// Like [`Harness::new`], against a real control plane of the test's own, with the
+    /// daemon running as `gar-restarter/gar-restarter` under the RBAC of `deploy/base`.
+    pub async fn real() -> Harness {
+        Harness::real_with("base", |g| g).await
+    }
+
+    /// [`Harness::real`] with the RBAC of `deploy/<overlay>`, edited by `edit` first.
+    pub async fn real_with(
+        overlay: &str,
+        edit: impl FnOnce(
+            gar_testsupport::cluster::rbac::Grant,
+        ) -> gar_testsupport::cluster::rbac::Grant,
+    ) -> Harness {
+        init_crypto();
+        let api = KubeApi::start_with(overlay, edit)
+            .await
+            .unwrap_or_else(|e| panic!("start the test control plane: {e}"));
+        Harness::with_api(TestApi::Kube(api), &[]).await
     }
 
     pub fn subscription(&self) -> String {
@@ -337,7 +363,7 @@ pub fn patch_digest(req: &gar_testsupport::fake_api::RecordedRequest) -> Option<
 }
 
 /// PATCHes to workloads (not to the cache ConfigMap or anything else), all statuses.
-pub fn workload_patches(api: &FakeApi) -> Vec<gar_testsupport::fake_api::RecordedRequest> {
+pub fn workload_patches(api: &TestApi) -> Vec<gar_testsupport::fake_api::RecordedRequest> {
     api.patches()
         .into_iter()
         .filter(|p| {
@@ -349,7 +375,7 @@ pub fn workload_patches(api: &FakeApi) -> Vec<gar_testsupport::fake_api::Recorde
 }
 
 /// (path, digest) of every workload PATCH the API accepted (2xx), with repetitions.
-pub fn accepted_patches(api: &FakeApi) -> Vec<(String, Option<String>)> {
+pub fn accepted_patches(api: &TestApi) -> Vec<(String, Option<String>)> {
     workload_patches(api)
         .into_iter()
         .filter(|p| (200..300).contains(&p.status))
@@ -361,7 +387,7 @@ pub fn accepted_patches(api: &FakeApi) -> Vec<(String, Option<String>)> {
 }
 
 /// Workload PATCHes to `path`, all statuses.
-pub fn patches_to(api: &FakeApi, path: &str) -> Vec<gar_testsupport::fake_api::RecordedRequest> {
+pub fn patches_to(api: &TestApi, path: &str) -> Vec<gar_testsupport::fake_api::RecordedRequest> {
     workload_patches(api)
         .into_iter()
         .filter(|p| p.path == path)
@@ -370,7 +396,7 @@ pub fn patches_to(api: &FakeApi, path: &str) -> Vec<gar_testsupport::fake_api::R
 
 /// Which of the `expected` (path, sha256 digest) pairs no accepted PATCH carried yet.
 pub fn missing_pairs(
-    api: &FakeApi,
+    api: &TestApi,
     expected: &std::collections::HashSet<(String, String)>,
 ) -> Vec<(String, String)> {
     let done: std::collections::HashSet<(String, String)> = accepted_patches(api)
@@ -462,13 +488,17 @@ impl Harness {
     /// Like [`Harness::new`], plus extra `(subscription, topic)` pairs on the emulator, e.g. a
     /// tap on the GAR topic to observe what is published there.
     pub async fn with_subscriptions(extra: &[(&str, &str)]) -> Harness {
+        let api = FakeApi::start().await.expect("start fake API");
+        Harness::with_api(TestApi::Fake(api), extra).await
+    }
+
+    async fn with_api(api: TestApi, extra: &[(&str, &str)]) -> Harness {
         init_crypto();
         let mut subs = vec![(SUB, TOPIC), (DLQ_SUB, DLQ_TOPIC)];
         subs.extend_from_slice(extra);
         let emulator = Emulator::start(PROJECT, &[TOPIC, DLQ_TOPIC], &subs)
             .await
             .expect("start pstest emulator");
-        let api = FakeApi::start().await.expect("start fake API");
         let dir = tempfile::tempdir().expect("tempdir");
         api.write_kubeconfig(&dir.path().join("kubeconfig"))
             .expect("kubeconfig");

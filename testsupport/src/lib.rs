@@ -8,3 +8,6 @@ pub mod fake_api;
 pub mod fixtures;
 pub mod gotool;
 pub mod http;
+pub mod kube_api;
+pub mod proxy;
+pub mod traffic;

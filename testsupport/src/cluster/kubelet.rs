@@ -32,11 +32,18 @@ pub struct Kubelet {
 }
 
 impl Kubelet {
-    /// Makes sure the fake node exists and is Ready, then starts serving `namespace`.
-    pub async fn start(client: kube::Client, namespace: &str) -> Result<Kubelet, ClusterError> {
+    /// Makes sure the fake node exists and is Ready, then starts serving the pods of
+    /// `namespace` (`None`: of every namespace).
+    pub async fn start(
+        client: kube::Client,
+        namespace: Option<&str>,
+    ) -> Result<Kubelet, ClusterError> {
         ensure_node(&client).await?;
         let held = Arc::new(Mutex::new(HashSet::new()));
-        let pods: Api<Pod> = Api::namespaced(client, namespace);
+        let pods: Api<Pod> = match namespace {
+            Some(ns) => Api::namespaced(client, ns),
+            None => Api::all(client),
+        };
         let task = tokio::spawn(run(pods, held.clone()));
         Ok(Kubelet { held, task })
     }
@@ -110,9 +117,15 @@ async fn step(
     pod: &Pod,
     held: &Mutex<HashSet<String>>,
 ) -> Result<(), kube::Error> {
-    let Some(name) = pod.metadata.name.as_deref() else {
+    let (Some(name), Some(ns)) = (
+        pod.metadata.name.as_deref(),
+        pod.metadata.namespace.as_deref(),
+    ) else {
         return Ok(());
     };
+    // `pods` may be cluster-wide; writes go to the pod's own namespace.
+    let pods: Api<Pod> = Api::namespaced(pods.clone().into_client(), ns);
+    let pods = &pods;
     if pod.metadata.deletion_timestamp.is_some() {
         let dp = DeleteParams {
             grace_period_seconds: Some(0),

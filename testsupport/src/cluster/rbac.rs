@@ -50,17 +50,24 @@ impl Grant {
         let dir = crate::gotool::repo_root().join("deploy").join(overlay);
         let dir = dir.to_string_lossy().into_owned();
         let yaml = cluster.kubectl_output(&["kustomize", &dir], None)?;
-        // kubectl turns the YAML stream into one JSON List, so no YAML parser is needed here.
+        // kubectl turns the YAML stream into a stream of JSON objects, so no YAML parser is
+        // needed here.
         let json = cluster.kubectl_output(
             &["create", "--dry-run=client", "-o", "json", "-f", "-"],
             Some(&yaml),
         )?;
-        let parsed: Value = serde_json::from_slice(&json)
-            .map_err(|e| ClusterError::Setup(format!("kubectl printed no JSON for {dir}: {e}")))?;
-        let items = match parsed["kind"].as_str() {
-            Some("List") => parsed["items"].as_array().cloned().unwrap_or_default(),
-            _ => vec![parsed],
-        };
+        let mut items = Vec::new();
+        for parsed in serde_json::Deserializer::from_slice(&json).into_iter::<Value>() {
+            let parsed = parsed.map_err(|e| {
+                ClusterError::Setup(format!("kubectl printed no JSON for {dir}: {e}"))
+            })?;
+            match parsed["kind"].as_str() {
+                Some("List") => {
+                    items.extend(parsed["items"].as_array().cloned().unwrap_or_default())
+                }
+                _ => items.push(parsed),
+            }
+        }
         let objects: Vec<Value> = items
             .into_iter()
             .filter(|o| o["kind"].as_str().is_some_and(|k| RBAC_KINDS.contains(&k)))
@@ -144,21 +151,35 @@ fn place(mut object: Value, placement: &Placement) -> Value {
     let cluster_scoped = object["kind"]
         .as_str()
         .is_some_and(|k| k.starts_with("Cluster"));
-    if cluster_scoped {
-        if let Some(name) = object["metadata"]["name"].as_str() {
-            object["metadata"]["name"] = Value::String(format!("{name}-{}", placement.suffix));
+    let renamed = |name: &str| {
+        if placement.suffix.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{name}-{}", placement.suffix)
         }
-    } else {
-        rename_namespace(&mut object["metadata"]["namespace"], placement);
+    };
+    // `get_mut`/`pointer_mut`, not `object["x"]`: indexing a JSON object mutably inserts a
+    // null for a missing key, which the API server then rejects as an unknown field.
+    if cluster_scoped {
+        if let Some(name) = object.pointer_mut("/metadata/name")
+            && let Some(n) = name.as_str()
+        {
+            *name = Value::String(renamed(n));
+        }
+    } else if let Some(ns) = object.pointer_mut("/metadata/namespace") {
+        rename_namespace(ns, placement);
     }
-    if object["roleRef"]["kind"] == "ClusterRole"
-        && let Some(name) = object["roleRef"]["name"].as_str()
+    if object.pointer("/roleRef/kind").and_then(Value::as_str) == Some("ClusterRole")
+        && let Some(name) = object.pointer_mut("/roleRef/name")
+        && let Some(n) = name.as_str()
     {
-        object["roleRef"]["name"] = Value::String(format!("{name}-{}", placement.suffix));
+        *name = Value::String(renamed(n));
     }
-    if let Some(subjects) = object["subjects"].as_array_mut() {
+    if let Some(subjects) = object.get_mut("subjects").and_then(Value::as_array_mut) {
         for subject in subjects {
-            rename_namespace(&mut subject["namespace"], placement);
+            if let Some(ns) = subject.get_mut("namespace") {
+                rename_namespace(ns, placement);
+            }
         }
     }
     // Server-side apply owns these; a dry-run render may carry them.

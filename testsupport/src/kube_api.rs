@@ -1,0 +1,257 @@
+//! The test-facing handle on a real control plane: the daemon's identity, RBAC from
+//! `deploy/`, the fault proxy it talks through, the fake kubelet, and object helpers with
+//! the same names as the fake API server's (`insert`, `get`, `modify`, `patches`, …), so a
+//! test reads the same against either.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use kube::api::{DeleteParams, DynamicObject, PostParams};
+use kube::discovery::ApiResource;
+use kube::{Api, Client};
+use serde_json::Value;
+
+use crate::cluster::kubelet::Kubelet;
+use crate::cluster::rbac::{self, Grant, Placement};
+use crate::cluster::{Cluster, ClusterError, block_on};
+use crate::proxy::ApiProxy;
+use crate::traffic::{Fault, RecordedRequest};
+
+/// One control plane of its own (so tests can change RBAC and namespaces freely), the
+/// daemon's service account `gar-restarter/gar-restarter` bound by the rules of a `deploy/`
+/// overlay, and the proxy the daemon reaches it through.
+pub struct KubeApi {
+    proxy: ApiProxy,
+    _kubelet: Kubelet,
+    grant: Grant,
+    // Last: stops after everything that talks to it.
+    cluster: Cluster,
+}
+
+impl std::fmt::Debug for KubeApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeApi")
+            .field("server", &self.cluster.server())
+            .field("proxy", &self.proxy)
+            .finish()
+    }
+}
+
+/// The apps/v1 and v1 kinds the tests create, by plural or kind.
+fn resource(name: &str) -> ApiResource {
+    let (group, version, kind, plural) = match name.to_ascii_lowercase().as_str() {
+        "deployment" | "deployments" => ("apps", "v1", "Deployment", "deployments"),
+        "statefulset" | "statefulsets" => ("apps", "v1", "StatefulSet", "statefulsets"),
+        "daemonset" | "daemonsets" => ("apps", "v1", "DaemonSet", "daemonsets"),
+        "replicaset" | "replicasets" => ("apps", "v1", "ReplicaSet", "replicasets"),
+        "configmap" | "configmaps" => ("", "v1", "ConfigMap", "configmaps"),
+        "pod" | "pods" => ("", "v1", "Pod", "pods"),
+        other => panic!("KubeApi: no resource {other:?} in the test kinds"),
+    };
+    ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version: if group.is_empty() {
+            version.into()
+        } else {
+            format!("{group}/{version}")
+        },
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+impl KubeApi {
+    /// A control plane with the daemon's RBAC from `deploy/base`.
+    pub async fn start() -> Result<Arc<KubeApi>, ClusterError> {
+        Self::start_with("base", |g| g).await
+    }
+
+    /// A control plane with the RBAC of `deploy/<overlay>`, edited by `edit` (e.g. to remove
+    /// one rule) before it is applied.
+    pub async fn start_with(
+        overlay: &str,
+        edit: impl FnOnce(Grant) -> Grant,
+    ) -> Result<Arc<KubeApi>, ClusterError> {
+        let cluster = tokio::task::spawn_blocking(Cluster::start)
+            .await
+            .map_err(|e| ClusterError::Setup(format!("cluster start task: {e}")))??;
+        let proxy = ApiProxy::start(cluster.server(), cluster.ca_pem())
+            .await
+            .map_err(|e| ClusterError::Setup(e.to_string()))?;
+        let kubelet = Kubelet::start(cluster.admin_client()?, None).await?;
+        cluster.create_namespace(rbac::DEPLOY_NAMESPACE).await?;
+        // The manifests' own names and namespaces: this cluster is the test's alone.
+        let placement = Placement {
+            system_namespace: rbac::DEPLOY_NAMESPACE.into(),
+            apps_namespace: rbac::DEPLOY_APPS_NAMESPACE.into(),
+            suffix: String::new(),
+        };
+        let grant = {
+            let cluster = &cluster;
+            edit(Grant::render(cluster, overlay, &placement)?)
+        };
+        grant.apply(&cluster)?;
+        Ok(Arc::new(KubeApi {
+            proxy,
+            _kubelet: kubelet,
+            grant,
+            cluster,
+        }))
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    pub fn proxy(&self) -> &ApiProxy {
+        &self.proxy
+    }
+
+    /// The RBAC objects applied for the daemon.
+    pub fn grant(&self) -> &Grant {
+        &self.grant
+    }
+
+    /// A client with the admin identity, straight to the API server.
+    pub fn admin(&self) -> Client {
+        self.cluster
+            .admin_client()
+            .unwrap_or_else(|e| panic!("admin client: {e}"))
+    }
+
+    /// The proxy's URL, which the daemon's kubeconfig names.
+    pub fn url(&self) -> String {
+        self.proxy.url()
+    }
+
+    /// Writes a kubeconfig with the daemon's service-account identity, through the proxy.
+    pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<()> {
+        let url = self.proxy.url();
+        let path = path.to_owned();
+        let cluster: &Cluster = &self.cluster;
+        // A scoped thread with its own runtime: callers may be inside a runtime already.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(std::io::Error::other)?
+                    .block_on(cluster.service_account_kubeconfig(
+                        rbac::DEPLOY_NAMESPACE,
+                        rbac::DEPLOY_SERVICE_ACCOUNT,
+                        &path,
+                        Some(&url),
+                    ))
+                    .map(|_| ())
+                    .map_err(std::io::Error::other)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("kubeconfig thread panicked")))
+        })
+    }
+
+    fn dynamic(&self, resource_name: &str, ns: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(self.admin(), ns, &resource(resource_name))
+    }
+
+    /// Creates `obj` (its namespace too, if missing) with the admin identity.
+    pub fn insert(&self, obj: Value) {
+        let kind = obj["kind"].as_str().unwrap_or_default().to_owned();
+        let ns = obj["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_owned();
+        let api = self.dynamic(&kind, &ns);
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let object: DynamicObject = serde_json::from_value(obj)
+            .unwrap_or_else(|e| panic!("KubeApi::insert: not an object: {e}"));
+        let client = self.admin();
+        let result = block_on(async move {
+            let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
+            let namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))
+                .map_err(|e| e.to_string())?;
+            match namespaces.create(&PostParams::default(), &namespace).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => return Err(format!("create namespace {ns}: {e}")),
+            }
+            api.create(&PostParams::default(), &object)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("create {kind} {ns}/{name}: {e}"))
+        });
+        if let Err(e) = result {
+            panic!("KubeApi::insert: {e}");
+        }
+    }
+
+    /// The object as the API server has it now.
+    pub fn get(&self, resource_name: &str, ns: &str, name: &str) -> Option<Value> {
+        let api = self.dynamic(resource_name, ns);
+        let name = name.to_owned();
+        block_on(async move { api.get_opt(&name).await })
+            .unwrap_or_else(|e| panic!("KubeApi::get {resource_name} {ns}: {e}"))
+            .map(|o| serde_json::to_value(o).unwrap_or_default())
+    }
+
+    /// Deletes the object (foreground, at once) and returns what it was.
+    pub fn remove(&self, resource_name: &str, ns: &str, name: &str) -> Option<Value> {
+        let old = self.get(resource_name, ns, name)?;
+        let api = self.dynamic(resource_name, ns);
+        let name = name.to_owned();
+        block_on(async move { api.delete(&name, &DeleteParams::default()).await })
+            .unwrap_or_else(|e| panic!("KubeApi::remove {resource_name} {ns}: {e}"));
+        Some(old)
+    }
+
+    /// Reads the object, lets `f` change it and writes it back (PUT, by resourceVersion).
+    pub fn modify(
+        &self,
+        resource_name: &str,
+        ns: &str,
+        name: &str,
+        f: impl FnOnce(&mut Value),
+    ) -> Option<Value> {
+        let mut object = self.get(resource_name, ns, name)?;
+        f(&mut object);
+        let api = self.dynamic(resource_name, ns);
+        let name = name.to_owned();
+        let object: DynamicObject = serde_json::from_value(object).ok()?;
+        let updated =
+            block_on(async move { api.replace(&name, &PostParams::default(), &object).await })
+                .unwrap_or_else(|e| panic!("KubeApi::modify {resource_name} {ns}: {e}"));
+        serde_json::to_value(updated).ok()
+    }
+
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.proxy.requests()
+    }
+
+    pub fn clear_requests(&self) {
+        self.proxy.clear_requests()
+    }
+
+    pub fn requests_matching(&self, method: &str, path_prefix: &str) -> Vec<RecordedRequest> {
+        self.proxy.requests_matching(method, path_prefix)
+    }
+
+    pub fn count(&self, method: &str, path_prefix: &str) -> usize {
+        self.requests_matching(method, path_prefix).len()
+    }
+
+    pub fn patches(&self) -> Vec<RecordedRequest> {
+        self.proxy.patches()
+    }
+
+    pub fn add_fault(&self, fault: Fault) {
+        self.proxy.add_fault(fault)
+    }
+
+    pub fn clear_faults(&self) {
+        self.proxy.clear_faults()
+    }
+}
