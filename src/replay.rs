@@ -17,7 +17,9 @@ use google_cloud_pubsub::model::Message;
 use google_cloud_pubsub::subscriber::ShutdownBehavior;
 
 use crate::config::ReplayArgs;
-use crate::deadletter::{ATTR_KIND, ATTR_ORIGINAL_ID, ATTR_REASON, original_attributes};
+use crate::deadletter::{
+    ATTR_KIND, ATTR_ORIGINAL_ID, ATTR_REASON, ATTR_TRUNCATED, is_truncated, original_attributes,
+};
 use crate::pubsub::{self, PubSubError};
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +112,14 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, ReplayError> {
             held.push(handler);
             continue;
         }
+        if is_truncated(&message.attributes) {
+            // Its attributes were trimmed or its data replaced by a digest when it was
+            // dead-lettered: republishing it would send something the publisher never sent.
+            summary.skipped += 1;
+            println!("{}", truncated_notice(&id));
+            held.push(handler);
+            continue;
+        }
         if args.kind.as_deref().is_some_and(|k| k != kind) {
             summary.skipped += 1;
             println!("skipped {id} kind={kind:?}");
@@ -150,4 +160,28 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, ReplayError> {
     // Flushes our acks; held messages are released for redelivery.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), token.shutdown()).await;
     Ok(summary)
+}
+
+/// What `dlq replay` prints for a bounded record, which it leaves on the subscription.
+pub fn truncated_notice(id: &str) -> String {
+    format!(
+        "skipped {id}: {ATTR_TRUNCATED}=true, a bounded record that cannot be replayed byte for \
+         byte (attributes trimmed or data replaced by dlq_original_sha256); it stays on the \
+         dead-letter subscription for inspection"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncated_notice_says_it_cannot_be_replayed() {
+        let notice = truncated_notice("m9");
+        assert!(notice.starts_with("skipped m9:"), "{notice}");
+        assert!(
+            notice.contains("cannot be replayed byte for byte"),
+            "{notice}"
+        );
+    }
 }
