@@ -167,6 +167,20 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_in_flight: u32,
 
+    /// Streaming-pull flow control: Pub/Sub stops sending once this many messages are
+    /// unacked on a stream. Default: 2 × --max-in-flight, so the next batch is at hand.
+    #[arg(long, env = "GAR_RESTARTER_MAX_OUTSTANDING_MESSAGES", value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_outstanding_messages: Option<u32>,
+
+    /// Streaming-pull flow control: Pub/Sub stops sending once this many bytes are unacked
+    /// on a stream (e.g. `8MiB`, `65536`). Default: the outstanding messages × 64 KiB, the
+    /// largest valid event; the SDK's own default is 100 MiB. Memory held by received
+    /// messages is at most this plus one message (≤ 10 MB).
+    #[arg(long, env = "GAR_RESTARTER_MAX_OUTSTANDING_BYTES", value_name = "BYTES",
+          value_parser = parse_outstanding_bytes)]
+    pub max_outstanding_bytes: Option<u64>,
+
     /// Wall-clock budget for in-process retries of transient API errors within one delivery,
     /// Retry-After waits included; past it the message is nacked for redelivery.
     #[arg(long, env = "GAR_RESTARTER_RETRY_BUDGET", value_name = "DURATION",
@@ -193,6 +207,81 @@ pub struct RunArgs {
     #[arg(long, env = "GAR_RESTARTER_SHUTDOWN_TIMEOUT", value_name = "DURATION",
           default_value = "20s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+}
+
+/// The streaming pull's flow control, as the SDK's builder takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowControl {
+    pub max_outstanding_messages: i64,
+    pub max_outstanding_bytes: i64,
+}
+
+impl RunArgs {
+    /// Flow control from the flags, with the defaults derived from `--max-in-flight`.
+    pub fn flow_control(&self) -> FlowControl {
+        let messages = self
+            .max_outstanding_messages
+            .unwrap_or_else(|| self.max_in_flight.saturating_mul(2));
+        let bytes = self
+            .max_outstanding_bytes
+            .unwrap_or(u64::from(messages) * crate::event::MAX_PAYLOAD_BYTES as u64);
+        FlowControl {
+            max_outstanding_messages: i64::from(messages),
+            // Both bounded by their parsers (≤ 100,000 × 64 KiB, ≤ 1 GiB): no overflow.
+            max_outstanding_bytes: i64::try_from(bytes).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// Checks between flags that clap cannot express; the message names both fields.
+    fn validate(&self) -> Result<(), String> {
+        if let Some(n) = self.max_outstanding_messages
+            && n < self.max_in_flight
+        {
+            return Err(format!(
+                "--max-outstanding-messages ({n}) is below --max-in-flight ({}): Pub/Sub would \
+                 never hand over enough messages to fill the workers; raise it or lower \
+                 --max-in-flight",
+                self.max_in_flight
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Smallest and largest `--max-outstanding-bytes`: one largest valid event, and 1 GiB.
+const MIN_OUTSTANDING_BYTES: u64 = crate::event::MAX_PAYLOAD_BYTES as u64;
+const MAX_OUTSTANDING_BYTES: u64 = 1 << 30;
+
+/// A byte count: a plain integer, or one with a `KiB`, `MiB` or `GiB` suffix.
+fn parse_outstanding_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, ""),
+    };
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?} (use a byte count, or KiB, MiB, GiB)"
+            ));
+        }
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count like 8MiB or 65536"))?;
+    let bytes = n
+        .checked_mul(multiplier)
+        .filter(|b| (MIN_OUTSTANDING_BYTES..=MAX_OUTSTANDING_BYTES).contains(b))
+        .ok_or_else(|| {
+            format!(
+                "{s:?} is outside {MIN_OUTSTANDING_BYTES} bytes (64 KiB, the largest event) to 1GiB"
+            )
+        })?;
+    Ok(bytes)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -329,6 +418,9 @@ pub enum ConfigError {
     File { path: PathBuf, message: String },
     #[error("{0}")]
     Clap(#[from] clap::Error),
+    /// Values that parse alone but contradict each other.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl ConfigError {
@@ -364,7 +456,11 @@ impl Cli {
             None => args,
         };
         let matches = command.try_get_matches_from(&merged)?;
-        Ok(Cli::from_arg_matches(&matches)?)
+        let cli = Cli::from_arg_matches(&matches)?;
+        if let Command::Run(run) = &cli.command {
+            run.validate().map_err(ConfigError::Invalid)?;
+        }
+        Ok(cli)
     }
 }
 
@@ -611,6 +707,55 @@ mod tests {
         ])
         .unwrap_err();
         assert!(e.to_string().contains("--shutdown-timeout"), "{e}");
+    }
+
+    #[test]
+    fn flow_control_defaults_follow_max_in_flight_and_flags_are_validated() {
+        let base = ["run", "--subscription", SUB, "--dead-letter-topic", TOPIC];
+        let fc = run(&base).unwrap().flow_control();
+        // 2 × 64 messages, each at most one 64 KiB event: 8 MiB, not the SDK's 100 MiB.
+        assert_eq!(
+            fc,
+            FlowControl {
+                max_outstanding_messages: 128,
+                max_outstanding_bytes: 8 << 20
+            }
+        );
+        let with = |extra: &[&str]| {
+            let mut argv = base.to_vec();
+            argv.extend_from_slice(extra);
+            run(&argv)
+        };
+        let fc = with(&["--max-in-flight", "10"]).unwrap().flow_control();
+        assert_eq!(fc.max_outstanding_messages, 20);
+        assert_eq!(fc.max_outstanding_bytes, 20 * 64 * 1024);
+        let fc = with(&[
+            "--max-outstanding-messages",
+            "500",
+            "--max-outstanding-bytes",
+            "16MiB",
+        ])
+        .unwrap()
+        .flow_control();
+        assert_eq!(fc.max_outstanding_messages, 500);
+        assert_eq!(fc.max_outstanding_bytes, 16 << 20);
+        for (flag, bad) in [
+            ("--max-outstanding-bytes", "1KiB"),
+            ("--max-outstanding-bytes", "2GiB"),
+            ("--max-outstanding-bytes", "lots"),
+            ("--max-outstanding-bytes", "8MB"),
+            ("--max-outstanding-messages", "0"),
+        ] {
+            let e = with(&[flag, bad]).unwrap_err().to_string();
+            assert!(e.contains(flag), "{flag} {bad}: {e}");
+        }
+        let e = with(&["--max-outstanding-messages", "10"]).unwrap_err();
+        assert!(matches!(e, ConfigError::Invalid(_)), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("--max-outstanding-messages") && msg.contains("--max-in-flight"),
+            "{msg}"
+        );
     }
 
     #[test]

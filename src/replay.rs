@@ -56,6 +56,10 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, ReplayError> {
     let mut stream = subscriber
         .subscribe(args.subscription.as_str())
         .set_max_outstanding_messages(1000)
+        // Dead letters may be 10 MB each and held ones stay outstanding until the end: bound
+        // the bytes too (the SDK default is 100 MiB). Past it the stream pauses and the run
+        // ends on its idle timeout; the next run sees the rest.
+        .set_max_outstanding_bytes(64 << 20)
         // Held (skipped, dry-run) messages are released at the end; should the command be
         // killed instead, they come back after this short deadline rather than the SDK's 60 s.
         .set_max_lease_extension(crate::source::LEASE_EXTENSION)
