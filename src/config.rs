@@ -421,6 +421,9 @@ pub enum ConfigError {
     /// Values that parse alone but contradict each other.
     #[error("{0}")]
     Invalid(String),
+    /// A bad `GAR_RESTARTER_*` value, named by its variable.
+    #[error("{message}")]
+    Env { var: String, message: String },
 }
 
 impl ConfigError {
@@ -450,12 +453,17 @@ impl Cli {
         let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
         let command = Cli::command();
         // First pass without `required`, so that required flags may come from the file.
-        let matches = relaxed(command.clone()).try_get_matches_from(&args)?;
+        let matches = relaxed(command.clone())
+            .try_get_matches_from(&args)
+            .map_err(|e| env_error(&command, &args, e))?;
         let merged = match matches.get_one::<PathBuf>("config") {
             Some(path) => merge_file(&command, &matches, &args, path)?,
-            None => args,
+            None => args.clone(),
         };
-        let matches = command.try_get_matches_from(&merged)?;
+        let matches = command
+            .clone()
+            .try_get_matches_from(&merged)
+            .map_err(|e| env_error(&command, &args, e))?;
         let cli = Cli::from_arg_matches(&matches)?;
         if let Command::Run(run) = &cli.command {
             run.validate().map_err(ConfigError::Invalid)?;
@@ -476,7 +484,7 @@ fn merge_file(
         path: path.to_path_buf(),
         message,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+    let text = read_config_file(path).map_err(file_err)?;
     let table: toml::Table = toml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
     // Building propagates global flags (e.g. --log-format) into the subcommands.
     let mut built = command.clone();
@@ -563,6 +571,82 @@ fn merge_file(
             }
             _ => ConfigError::Clap(e),
         })
+}
+
+/// A config file is a few kilobytes; anything near this is a mistake (or `/dev/zero`).
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Reads `--config`, refusing what is not a regular file (a device, a FIFO, a directory:
+/// `/dev/zero` used to hang here) and anything over [`MAX_CONFIG_BYTES`].
+fn read_config_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".to_string());
+    }
+    let mut bytes = Vec::new();
+    // Checked while reading as well: the file may grow after `metadata`.
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(format!("larger than {MAX_CONFIG_BYTES} bytes"));
+    }
+    String::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))
+}
+
+/// clap names the flag when a value from `GAR_RESTARTER_*` is bad ("invalid value 'x' for
+/// '--max-attempts <N>'"), which sends the operator looking at a command line that does not
+/// have it. When the flag is not on the command line and its variable is set, the error is
+/// reported under the variable's name instead.
+fn env_error(command: &clap::Command, args: &[OsString], e: clap::Error) -> ConfigError {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        e.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return ConfigError::Clap(e);
+    }
+    let Some(ContextValue::String(invalid_arg)) = e.get(ContextKind::InvalidArg) else {
+        return ConfigError::Clap(e);
+    };
+    let long = invalid_arg.split_whitespace().next().unwrap_or_default();
+    let Some(name) = long.strip_prefix("--") else {
+        return ConfigError::Clap(e);
+    };
+    let on_command_line = args.iter().filter_map(|a| a.to_str()).any(|a| {
+        a == long
+            || a.strip_prefix(long)
+                .is_some_and(|rest| rest.starts_with('='))
+    });
+    let mut built = command.clone();
+    built.build();
+    let var = std::iter::once(&built)
+        .chain(built.get_subcommands())
+        .chain(built.get_subcommands().flat_map(|c| c.get_subcommands()))
+        .flat_map(|c| c.get_arguments())
+        .find(|a| a.get_long() == Some(name))
+        .and_then(|a| a.get_env())
+        .and_then(|v| v.to_str())
+        .map(str::to_string);
+    match var {
+        Some(var) if !on_command_line && std::env::var_os(&var).is_some() => {
+            let rendered = e.to_string();
+            let message = rendered
+                .trim_start_matches("error: ")
+                .split("\n\n")
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .replace(
+                    &format!("'{invalid_arg}'"),
+                    &format!("environment variable {var} (read for {long})"),
+                );
+            ConfigError::Env { var, message }
+        }
+        _ => ConfigError::Clap(e),
+    }
 }
 
 fn relaxed(mut command: clap::Command) -> clap::Command {
@@ -756,6 +840,29 @@ mod tests {
             msg.contains("--max-outstanding-messages") && msg.contains("--max-in-flight"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn config_must_be_a_small_regular_file() {
+        // `/dev/zero` used to hang the process reading an endless file.
+        let started = std::time::Instant::now();
+        let e = run(&["run", "--config", "/dev/zero"]).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let msg = e.to_string();
+        assert!(
+            msg.contains("/dev/zero") && msg.contains("not a regular file"),
+            "{msg}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let msg = run(&["run", "--config", dir.path().to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("not a regular file"), "{msg}");
+        let big = file(&format!("# {}\n", "x".repeat(MAX_CONFIG_BYTES as usize)));
+        let msg = run(&["run", "--config", big.path().to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("larger than"), "{msg}");
     }
 
     #[test]

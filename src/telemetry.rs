@@ -4,6 +4,7 @@
 //! message carries its trace id, exporter or not.
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
@@ -32,6 +33,8 @@ pub enum TelemetryError {
     Exporter(String),
     #[error("RUST_LOG: {0}")]
     Filter(String),
+    #[error("{var}={value:?} is not an OTLP protocol (expected grpc, http/protobuf or http/json)")]
+    Protocol { var: &'static str, value: String },
     #[error("installing the tracing subscriber: {0}")]
     Init(String),
 }
@@ -57,8 +60,30 @@ fn export_requested() -> bool {
     !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 }
 
+/// The protocol variables the OTLP exporter reads.
+const PROTOCOL_VARS: [&str; 2] = [
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+];
+
+/// The exporter falls back to its default on a protocol it does not know, so a typo
+/// (`http/proto`) would silently export with another protocol, or not at all. Refused here,
+/// naming the variable, whether or not an endpoint is set.
+pub fn check_protocol(var: &'static str, value: Option<&str>) -> Result<(), TelemetryError> {
+    match value.map(str::trim) {
+        None | Some("" | "grpc" | "http/protobuf" | "http/json") => Ok(()),
+        Some(other) => Err(TelemetryError::Protocol {
+            var,
+            value: crate::excerpt::quote(other).trim_matches('"').to_string(),
+        }),
+    }
+}
+
 /// The tracer provider: batch OTLP export when requested, otherwise ids only.
 pub fn tracer_provider() -> Result<SdkTracerProvider, TelemetryError> {
+    for var in PROTOCOL_VARS {
+        check_protocol(var, std::env::var(var).ok().as_deref())?;
+    }
     let mut resource = opentelemetry_sdk::Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name("gar-restarter");
@@ -106,6 +131,12 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
             .with_filter(filter)
             .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            // Colour codes only for a person at a terminal: piped into a file or a collector
+            // they are noise (`NO_COLOR`, https://no-color.org, turns them off there too).
+            .with_ansi(ansi_wanted(
+                std::io::stdout().is_terminal(),
+                std::env::var_os("NO_COLOR").is_some(),
+            ))
             .with_writer(std::io::stdout)
             .with_filter(filter)
             .boxed(),
@@ -219,11 +250,50 @@ pub fn continue_trace(span: &tracing::Span, attributes: &HashMap<String, String>
     span.record(TRACE_ID_FIELD, tracing::field::display(trace_id));
 }
 
+fn ansi_wanted(stdout_is_terminal: bool, no_color: bool) -> bool {
+    stdout_is_terminal && !no_color
+}
+
 /// Default log format: JSON inside a cluster, text on a terminal.
 pub fn default_format() -> LogFormat {
     if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
         LogFormat::Json
     } else {
         LogFormat::Text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn otlp_protocol_is_validated_naming_the_variable() {
+        for ok in [
+            None,
+            Some(""),
+            Some("grpc"),
+            Some("http/protobuf"),
+            Some(" http/json "),
+        ] {
+            assert!(
+                check_protocol("OTEL_EXPORTER_OTLP_PROTOCOL", ok).is_ok(),
+                "{ok:?}"
+            );
+        }
+        let e = check_protocol("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", Some("http/proto"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=\"http/proto\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn colours_only_on_a_terminal() {
+        assert!(ansi_wanted(true, false));
+        assert!(!ansi_wanted(false, false));
+        assert!(!ansi_wanted(true, true));
     }
 }

@@ -13,7 +13,7 @@ use kube::Client;
 use kube::api::{Api, PostParams};
 
 use crate::cache::codec::{self, CodecError, Encoded, Form, Limits};
-use crate::cluster::{ErrorClass, classify};
+use crate::cluster::{ErrorClass, classify, get_opt};
 use crate::config::ObjectName;
 use crate::index::Index;
 
@@ -99,9 +99,7 @@ impl Store {
 
     /// `Ok(None)` when the ConfigMap does not exist.
     pub async fn read(&self) -> Result<Option<Index>, StoreError> {
-        let cm = self
-            .api()
-            .get_opt(&self.target.name)
+        let cm = get_opt(&self.api(), &self.target.name)
             .await
             .map_err(self.api_err("GET", &self.target.name))?;
         self.remember(cm.clone());
@@ -142,9 +140,7 @@ impl Store {
                 .unwrap_or(0);
             for i in 0..count {
                 let name = codec::shard_name(&self.target.name, i);
-                let shard = self
-                    .api()
-                    .get_opt(&name)
+                let shard = get_opt(&self.api(), &name)
                     .await
                     .map_err(self.api_err("GET", &name))?;
                 shards.push(shard.and_then(|s| {
@@ -237,7 +233,9 @@ impl Store {
         for _ in 0..MAX_CONFLICT_RETRIES {
             let current = match known.take() {
                 Some(c) => c,
-                None => api.get_opt(name).await.map_err(self.api_err("GET", name))?,
+                None => get_opt(&api, name)
+                    .await
+                    .map_err(self.api_err("GET", name))?,
             };
             let result = match current {
                 None => {
@@ -274,6 +272,7 @@ impl Store {
                 }
                 // 409: someone wrote between our GET and our write (AlreadyExists on create,
                 // Conflict on replace): read again and retry.
+                // By code, not kube's reason-based `is_conflict` (see `cluster::is_not_found`).
                 Err(kube::Error::Api(s)) if s.code == 409 => {
                     tracing::debug!(configmap = name, "write conflict; re-reading");
                     continue;
