@@ -296,7 +296,9 @@ pub struct CheckArgs {
     #[arg(long, value_name = "REF")]
     pub image: String,
 
-    /// Ignore the mounted and stored index and rebuild it from the cluster first.
+    /// Ignore the mounted and stored index and rebuild it from the cluster first. The rebuilt
+    /// index is also written to the cache ConfigMap, as `cache rebuild` does; off-cluster
+    /// this needs an explicit --cache-configmap.
     #[arg(long)]
     pub rebuild: bool,
 
@@ -496,15 +498,25 @@ fn merge_file(
             "unknown key {key:?} (keys are the long flag names, e.g. \"dead-letter-topic\")"
         )));
     }
-    let Some((sub_name, sub_matches)) = matches.subcommand() else {
+    let Some((top_name, top_matches)) = matches.subcommand() else {
         return Ok(args.to_vec());
     };
     // `dlq replay` takes no file: its `subscription` would mean the DLQ's, not the daemon's.
-    let Some(sub) = command
-        .find_subcommand(sub_name)
-        .filter(|_| sub_name != "dlq")
+    let Some(top) = command
+        .find_subcommand(top_name)
+        .filter(|_| top_name != "dlq")
     else {
         return Ok(args.to_vec());
+    };
+    // `cache rebuild` is nested one level deeper: its flags (the scope, the ConfigMap) are
+    // the ones the file must fill, not the argument-less `cache`'s. Reading `cache` instead
+    // once turned a namespaced rebuild into a cluster-wide scan written to `default`.
+    let (sub_name, sub, sub_matches) = match top_matches.subcommand() {
+        Some((name, nested_matches)) => match top.find_subcommand(name) {
+            Some(nested) => (name, nested, nested_matches),
+            None => return Ok(args.to_vec()),
+        },
+        None => (top_name, top, top_matches),
     };
     let mut injected: Vec<OsString> = Vec::new();
     for (key, value) in &table {
@@ -548,10 +560,19 @@ fn merge_file(
     }
     // File values go right after the subcommand name so that anything on the real command
     // line comes later and wins (`args_override_self`).
-    let pos = args
+    let top_pos = args
         .iter()
-        .position(|a| a.to_str() == Some(sub_name))
+        .position(|a| a.to_str() == Some(top_name))
         .ok_or_else(|| file_err("cannot place file values".to_string()))?;
+    let pos = if sub_name == top_name {
+        top_pos
+    } else {
+        args.iter()
+            .skip(top_pos + 1)
+            .position(|a| a.to_str() == Some(sub_name))
+            .map(|p| p + top_pos + 1)
+            .ok_or_else(|| file_err("cannot place file values".to_string()))?
+    };
     let mut merged = args[..=pos].to_vec();
     merged.extend(injected);
     merged.extend_from_slice(&args[pos + 1..]);
@@ -689,15 +710,48 @@ impl ScopeArgs {
     /// The cache ConfigMap, defaulting to the pod's namespace.
     pub fn cache_configmap(&self) -> ObjectName {
         self.cache_configmap.clone().unwrap_or_else(|| ObjectName {
-            namespace: pod_namespace(Path::new(
-                "/var/run/secrets/kubernetes.io/serviceaccount/namespace",
-            )),
+            namespace: pod_namespace(Path::new(SA_NAMESPACE_FILE)),
             name: "gar-restarter-cache".to_string(),
         })
     }
 }
 
-fn pod_namespace(sa_file: &Path) -> String {
+const SA_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+impl ScopeArgs {
+    /// The cache ConfigMap for a command that *writes* it (`cache rebuild`, `check
+    /// --rebuild`). Off-cluster there is no pod namespace, and falling back to `default`
+    /// would write a ConfigMap where nobody looks, silently; so there `--cache-configmap`
+    /// is required.
+    pub fn cache_configmap_for_write(&self) -> Result<ObjectName, String> {
+        writable_configmap(
+            self.cache_configmap.clone(),
+            known_pod_namespace(Path::new(SA_NAMESPACE_FILE)),
+        )
+    }
+}
+
+fn writable_configmap(
+    explicit: Option<ObjectName>,
+    pod_namespace: Option<String>,
+) -> Result<ObjectName, String> {
+    match (explicit, pod_namespace) {
+        (Some(name), _) => Ok(name),
+        (None, Some(namespace)) => Ok(ObjectName {
+            namespace,
+            name: "gar-restarter-cache".to_string(),
+        }),
+        (None, None) => Err(
+            "--cache-configmap NS/NAME is required off-cluster: this command writes the cache \
+             ConfigMap, and without POD_NAMESPACE or a service-account namespace there is no \
+             namespace to default to"
+                .to_string(),
+        ),
+    }
+}
+
+/// POD_NAMESPACE, else the service account's namespace file; `None` off-cluster.
+fn known_pod_namespace(sa_file: &Path) -> Option<String> {
     std::env::var("POD_NAMESPACE")
         .ok()
         .filter(|s| is_dns_label(s))
@@ -707,7 +761,10 @@ fn pod_namespace(sa_file: &Path) -> String {
                 .map(|s| s.trim().to_string())
                 .filter(|s| is_dns_label(s))
         })
-        .unwrap_or_else(|| "default".to_string())
+}
+
+fn pod_namespace(sa_file: &Path) -> String {
+    known_pod_namespace(sa_file).unwrap_or_else(|| "default".to_string())
 }
 
 impl FromStr for LogFormat {
@@ -840,6 +897,74 @@ mod tests {
             msg.contains("--max-outstanding-messages") && msg.contains("--max-in-flight"),
             "{msg}"
         );
+    }
+
+    /// Issue #14 item 6: `cache rebuild` reads its own keys from the file.
+    #[test]
+    fn cache_rebuild_honours_the_file() {
+        let f = file(
+            "namespace = [\"team-a\"]\ncache-configmap = \"ops/idx\"\nselector = \"tier=web\"\n\
+             min-rebuild-interval = \"1m\"\n",
+        );
+        let path = f.path().to_str().unwrap();
+        let cli = Cli::load_from(["gar-restarter", "--config", path, "cache", "rebuild"]).unwrap();
+        let Command::Cache {
+            command: CacheCommand::Rebuild(r),
+        } = cli.command
+        else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!(r.scope.namespaces, vec!["team-a"]);
+        assert_eq!(r.scope.selector.as_deref(), Some("tier=web"));
+        assert_eq!(r.scope.cache_configmap.unwrap().to_string(), "ops/idx");
+        // A flag still beats the file.
+        let cli = Cli::load_from([
+            "gar-restarter",
+            "--config",
+            path,
+            "cache",
+            "rebuild",
+            "--namespace",
+            "team-b",
+        ])
+        .unwrap();
+        let Command::Cache {
+            command: CacheCommand::Rebuild(r),
+        } = cli.command
+        else {
+            panic!()
+        };
+        assert_eq!(r.scope.namespaces, vec!["team-b"]);
+    }
+
+    /// Issue #14 item 7: a write never lands in `default` by accident.
+    #[test]
+    fn writing_the_cache_off_cluster_needs_an_explicit_configmap() {
+        let explicit = parse_configmap("ops/idx").unwrap();
+        assert_eq!(
+            writable_configmap(Some(explicit.clone()), None),
+            Ok(explicit.clone())
+        );
+        assert_eq!(
+            writable_configmap(Some(explicit.clone()), Some("gar".into())),
+            Ok(explicit)
+        );
+        assert_eq!(
+            writable_configmap(None, Some("gar".into()))
+                .unwrap()
+                .to_string(),
+            "gar/gar-restarter-cache"
+        );
+        let e = writable_configmap(None, None).unwrap_err();
+        assert!(e.contains("--cache-configmap"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let sa = dir.path().join("namespace");
+        std::fs::write(&sa, "team-ns\n").unwrap();
+        // Only when POD_NAMESPACE is not set by whoever runs the tests.
+        if std::env::var_os("POD_NAMESPACE").is_none() {
+            assert_eq!(known_pod_namespace(&sa).as_deref(), Some("team-ns"));
+            assert_eq!(known_pod_namespace(&dir.path().join("absent")), None);
+        }
     }
 
     #[test]

@@ -92,11 +92,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check(args) => check_command(args).await,
         Command::Cache {
             command: CacheCommand::Rebuild(args),
-        } => {
-            let report = check::cache_rebuild(&args).await?;
-            print(&serde_json::to_string_pretty(&report)?)?;
-            Ok(ExitCode::SUCCESS)
-        }
+        } => match check::cache_rebuild(&args).await {
+            Ok(report) => {
+                print(&serde_json::to_string_pretty(&report)?)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) if e.is_usage() => {
+                eprintln!("error: {e}");
+                Ok(ExitCode::from(2))
+            }
+            Err(e) => Err(e.into()),
+        },
         Command::Dlq {
             command: DlqCommand::Replay(args),
         } => {
@@ -120,7 +126,7 @@ async fn check_command(args: CheckArgs) -> anyhow::Result<ExitCode> {
             print(&serde_json::to_string_pretty(&report)?)?;
             Ok(ExitCode::SUCCESS)
         }
-        Err(e @ check::CheckError::Image(_)) => {
+        Err(e) if e.is_usage() => {
             eprintln!("error: {e}");
             Ok(ExitCode::from(2))
         }

@@ -191,3 +191,20 @@ fn text_logs_carry_no_colour_codes_when_piped() {
         "a cause repeats in {first:?}"
     );
 }
+
+/// Issue #14 item 7: off-cluster, a command that writes the cache ConfigMap needs it named;
+/// it stops before any API call rather than writing into `default`.
+#[test]
+fn writing_the_cache_off_cluster_without_a_configmap_is_a_usage_error() {
+    for args in [
+        &["cache", "rebuild"][..],
+        &["check", "--image", "nginx", "--rebuild"][..],
+    ] {
+        let out = run(bin()
+            .env("KUBECONFIG", "/nonexistent/kubeconfig")
+            .args(args));
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("--cache-configmap"), "{args:?}: {err}");
+    }
+}
