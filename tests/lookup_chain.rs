@@ -596,3 +596,56 @@ async fn cache_rebuild_subcommand_writes_the_configmap_and_reports_counts() {
     assert_eq!(stored.workload_count(), 2);
     assert!(stored.get(&ImageRef::parse("redis:7").unwrap()).is_some());
 }
+
+/// Issue #14 item 8: a slower writer with an older index writes no shard at all, so the
+/// newer sharded set stays whole.
+#[tokio::test]
+async fn an_older_sharded_write_touches_no_shard_of_a_newer_set() {
+    let api = FakeApi::start().await.unwrap();
+    let build = |n: usize, at: &str| {
+        let entries = (0..n).map(|i| {
+            (
+                WorkloadRef::new(WorkloadKind::Deployment, "prod", &format!("svc-{i}")),
+                vec![ImageRef::parse(&gar(&format!("img-{i}:v{n}"))).unwrap()],
+            )
+        });
+        Index::build(entries, Scope::default(), at.to_string())
+    };
+    let limits = Limits {
+        payload: 2_000,
+        shard_raw: 1_500,
+        max_shards: 64,
+        ..Limits::default()
+    };
+    let newer = build(400, "2026-12-01T12:00:00Z");
+    let older = build(300, "2026-12-01T11:00:00Z");
+    let (written, encoded) = Store::new(client(&api), cm_target())
+        .with_limits(limits)
+        .write(&newer)
+        .await
+        .unwrap();
+    assert!(matches!(written, Written::Created(_)), "{written:?}");
+    assert!(encoded.shards.len() >= 2, "{} shards", encoded.shards.len());
+
+    api.clear_requests();
+    let (written, _) = Store::new(client(&api), cm_target())
+        .with_limits(limits)
+        .write(&older)
+        .await
+        .unwrap();
+    assert_eq!(written, Written::Superseded);
+    let writes: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method != "GET")
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(writes.is_empty(), "{writes:?}");
+    let stored = Store::new(client(&api), cm_target())
+        .with_limits(limits)
+        .read()
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(stored.same_content(&newer));
+}
