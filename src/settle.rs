@@ -261,6 +261,27 @@ mod tests {
         assert!(!letter.is_truncated());
     }
 
+    /// Issue #14 item 13: a message without `delivery_attempt` raises the gauge; one with it
+    /// does not.
+    #[tokio::test]
+    async fn attempts_counted_per_process_is_exported() {
+        let p = pipeline();
+        let text = || p.metrics_text();
+        let mut msg = Inbound {
+            id: "m1".into(),
+            data: Bytes::new(),
+            attributes: HashMap::new(),
+            publish_time: None,
+            delivery_attempt: Some(3),
+        };
+        assert_eq!(p.attempt(&msg), 3);
+        assert!(text().contains("gar_restarter_attempts_counted_per_process 0"));
+        msg.delivery_attempt = None;
+        assert_eq!(p.attempt(&msg), 1);
+        assert_eq!(p.attempt(&msg), 2);
+        assert!(text().contains("gar_restarter_attempts_counted_per_process 1"));
+    }
+
     /// Issue #14 item 4: a message with 100 attributes cannot be republished whole; it is
     /// dead-lettered as a bounded record and acked rather than nacked forever.
     #[tokio::test]

@@ -220,19 +220,23 @@ where
                 .from_root()
                 .find_map(|span| span.extensions().get::<TraceId>().map(|t| t.0.clone()))
         });
-        let Some(trace_id) = trace_id else {
-            return self.0.format_event(ctx, writer, event);
-        };
         let mut line = String::new();
         self.0.format_event(ctx, Writer::new(&mut line), event)?;
-        match line.strip_prefix('{') {
-            Some(rest) => {
-                let quoted = serde_json::to_string(&trace_id).map_err(|_| std::fmt::Error)?;
-                let sep = if rest.starts_with('}') { "" } else { "," };
-                write!(writer, "{{\"{TRACE_ID_FIELD}\":{quoted}{sep}{rest}")
-            }
-            None => writer.write_str(&line),
+        let Some(rest) = line.strip_prefix('{') else {
+            return writer.write_str(&line);
+        };
+        // Cloud Logging reads `severity`, not `level`: without it every line is DEFAULT and
+        // severity filters and alerts see nothing. `level` stays for everyone else.
+        let mut head = format!(
+            "\"severity\":\"{}\"",
+            cloud_severity(event.metadata().level())
+        );
+        if let Some(trace_id) = trace_id {
+            let quoted = serde_json::to_string(&trace_id).map_err(|_| std::fmt::Error)?;
+            head.push_str(&format!(",\"{TRACE_ID_FIELD}\":{quoted}"));
         }
+        let sep = if rest.starts_with('}') { "" } else { "," };
+        write!(writer, "{{{head}{sep}{rest}")
     }
 }
 
@@ -248,6 +252,16 @@ pub fn continue_trace(span: &tracing::Span, attributes: &HashMap<String, String>
     }
     let trace_id = span.context().span().span_context().trace_id();
     span.record(TRACE_ID_FIELD, tracing::field::display(trace_id));
+}
+
+/// Cloud Logging's `LogSeverity` names for tracing's levels (it has no TRACE).
+fn cloud_severity(level: &tracing::Level) -> &'static str {
+    match *level {
+        tracing::Level::ERROR => "ERROR",
+        tracing::Level::WARN => "WARNING",
+        tracing::Level::INFO => "INFO",
+        tracing::Level::DEBUG | tracing::Level::TRACE => "DEBUG",
+    }
 }
 
 fn ansi_wanted(stdout_is_terminal: bool, no_color: bool) -> bool {
@@ -287,6 +301,54 @@ mod tests {
         assert!(
             e.starts_with("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=\"http/proto\""),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn json_lines_carry_cloud_logging_severity() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let layer = tracing_subscriber::fmt::layer()
+            .fmt_fields(JsonFields::new())
+            .event_format(WithTraceId(
+                tracing_subscriber::fmt::format().json().flatten_event(true),
+            ))
+            .with_writer(move || writer.clone());
+        let subscriber = Registry::default().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(k = 1, "careful");
+            tracing::error!("bad");
+            tracing::info!("fine");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let got: Vec<(&str, &str)> = lines
+            .iter()
+            .map(|l| {
+                (
+                    l["severity"].as_str().unwrap(),
+                    l["level"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [("WARNING", "WARN"), ("ERROR", "ERROR"), ("INFO", "INFO")]
         );
     }
 
