@@ -47,7 +47,7 @@ impl Event {
 pub enum ParseError {
     #[error("payload is {0} bytes, over the 64 KiB limit")]
     TooLarge(usize),
-    #[error("payload is not JSON: {0}")]
+    #[error("payload is not a JSON object: {0}")]
     NotJson(String),
     /// Valid JSON (or its start) of another type: `what` names it ("an array", "a string"…).
     #[error("payload is {what}, not a JSON object: {excerpt}")]
