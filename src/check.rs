@@ -45,18 +45,33 @@ pub enum CheckError {
     Chain(#[from] ChainError),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// A usage error found once the command knows what it will do (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl CheckError {
+    /// Whether the user's input is at fault (exit 2) rather than the cluster (exit 1).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, CheckError::Image(_) | CheckError::Usage(_))
+    }
 }
 
 /// Mount → API → rebuild, exactly as the daemon starts; `--rebuild` forces the last step.
 /// A lookup here never triggers a rebuild by itself, so a mounted index needs no API at all.
 pub async fn check(args: &CheckArgs) -> Result<CheckReport, CheckError> {
     let image = ImageRef::parse(&args.image)?;
+    let mut config = crate::daemon::chain_config(&args.scope);
+    if args.rebuild {
+        // `--rebuild` writes the ConfigMap too: resolved before any API call, so that an
+        // off-cluster run without --cache-configmap stops instead of writing to `default`.
+        config.configmap = args
+            .scope
+            .cache_configmap_for_write()
+            .map_err(CheckError::Usage)?;
+    }
     let client = crate::cluster::client().await?;
-    let chain = CacheChain::new(
-        client,
-        crate::daemon::chain_config(&args.scope),
-        Arc::new(Metrics::new()),
-    );
+    let chain = CacheChain::new(client, config, Arc::new(Metrics::new()));
     let origin = if args.rebuild {
         chain.rebuild_and_store().await?;
         Origin::Rebuild
@@ -86,8 +101,12 @@ pub struct RebuildReport {
 }
 
 pub async fn cache_rebuild(args: &RebuildArgs) -> Result<RebuildReport, CheckError> {
+    let mut config = crate::daemon::chain_config(&args.scope);
+    config.configmap = args
+        .scope
+        .cache_configmap_for_write()
+        .map_err(CheckError::Usage)?;
     let client = crate::cluster::client().await?;
-    let config = crate::daemon::chain_config(&args.scope);
     let configmap = config.configmap.to_string();
     let chain = CacheChain::new(client, config, Arc::new(Metrics::new()));
     let (written, encoded) = chain.rebuild_and_store().await?;

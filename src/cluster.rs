@@ -97,6 +97,27 @@ pub fn classify(error: &kube::Error) -> ErrorClass {
     }
 }
 
+/// Whether the API answered 404, by the HTTP code alone.
+///
+/// kube-core 5's `Status::is_not_found` (and so `Api::get_opt`) looks at the `reason` text
+/// only, so a proxy or an aggregated API answering 404 with another reason (or none) would
+/// be an error instead of "absent". Every API error here is classified by its code.
+pub fn is_not_found(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(s) if s.code == 404)
+}
+
+/// `Api::get_opt`, but "not found" is decided by [`is_not_found`], the HTTP code.
+pub async fn get_opt<K>(api: &Api<K>, name: &str) -> Result<Option<K>, kube::Error>
+where
+    K: Clone + DeserializeOwned + std::fmt::Debug,
+{
+    match api.get(name).await {
+        Ok(obj) => Ok(Some(obj)),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// HTTP status of an API error, for metrics, logs and dead-letter reasons.
 pub fn status_code(error: &kube::Error) -> Option<u16> {
     match error {
@@ -234,12 +255,40 @@ mod tests {
     use kube::core::Status;
 
     fn api_err(code: u16, retry: u32) -> kube::Error {
+        api_err_with_reason(code, retry, "Reason")
+    }
+
+    fn api_err_with_reason(code: u16, retry: u32, reason: &str) -> kube::Error {
         let s: Status = serde_json::from_value(serde_json::json!({
-            "status": "Failure", "message": "x", "reason": "Reason", "code": code,
+            "status": "Failure", "message": "x", "reason": reason, "code": code,
             "details": {"retryAfterSeconds": retry}
         }))
         .unwrap();
         kube::Error::Api(Box::new(s))
+    }
+
+    /// Issue #14 item 14: a 404 whose reason is not `NotFound` is still "not found".
+    #[test]
+    fn not_found_is_decided_by_the_code_not_the_reason() {
+        for reason in [
+            "NotFound",
+            "",
+            "Failed to parse error data",
+            "page not found",
+            "Gone",
+        ] {
+            let e = api_err_with_reason(404, 0, reason);
+            assert!(is_not_found(&e), "reason {reason:?}");
+            assert_eq!(classify(&e), ErrorClass::Permanent);
+        }
+        // kube's own check, which `get_opt` relies on, misses these.
+        let kube::Error::Api(odd) = api_err_with_reason(404, 0, "page not found") else {
+            unreachable!()
+        };
+        assert!(!odd.is_not_found());
+        // And a `NotFound` reason on another code is not a 404.
+        assert!(!is_not_found(&api_err_with_reason(500, 0, "NotFound")));
+        assert!(!is_not_found(&api_err_with_reason(403, 0, "NotFound")));
     }
 
     #[test]

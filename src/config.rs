@@ -167,6 +167,20 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_in_flight: u32,
 
+    /// Streaming-pull flow control: Pub/Sub stops sending once this many messages are
+    /// unacked on a stream. Default: 2 × --max-in-flight, so the next batch is at hand.
+    #[arg(long, env = "GAR_RESTARTER_MAX_OUTSTANDING_MESSAGES", value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_outstanding_messages: Option<u32>,
+
+    /// Streaming-pull flow control: Pub/Sub stops sending once this many bytes are unacked
+    /// on a stream (e.g. `8MiB`, `65536`). Default: the outstanding messages × 64 KiB, the
+    /// largest valid event; the SDK's own default is 100 MiB. Memory held by received
+    /// messages is at most this plus one message (≤ 10 MB).
+    #[arg(long, env = "GAR_RESTARTER_MAX_OUTSTANDING_BYTES", value_name = "BYTES",
+          value_parser = parse_outstanding_bytes)]
+    pub max_outstanding_bytes: Option<u64>,
+
     /// Wall-clock budget for in-process retries of transient API errors within one delivery,
     /// Retry-After waits included; past it the message is nacked for redelivery.
     #[arg(long, env = "GAR_RESTARTER_RETRY_BUDGET", value_name = "DURATION",
@@ -195,6 +209,81 @@ pub struct RunArgs {
     pub shutdown_timeout: Duration,
 }
 
+/// The streaming pull's flow control, as the SDK's builder takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowControl {
+    pub max_outstanding_messages: i64,
+    pub max_outstanding_bytes: i64,
+}
+
+impl RunArgs {
+    /// Flow control from the flags, with the defaults derived from `--max-in-flight`.
+    pub fn flow_control(&self) -> FlowControl {
+        let messages = self
+            .max_outstanding_messages
+            .unwrap_or_else(|| self.max_in_flight.saturating_mul(2));
+        let bytes = self
+            .max_outstanding_bytes
+            .unwrap_or(u64::from(messages) * crate::event::MAX_PAYLOAD_BYTES as u64);
+        FlowControl {
+            max_outstanding_messages: i64::from(messages),
+            // Both bounded by their parsers (≤ 100,000 × 64 KiB, ≤ 1 GiB): no overflow.
+            max_outstanding_bytes: i64::try_from(bytes).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// Checks between flags that clap cannot express; the message names both fields.
+    fn validate(&self) -> Result<(), String> {
+        if let Some(n) = self.max_outstanding_messages
+            && n < self.max_in_flight
+        {
+            return Err(format!(
+                "--max-outstanding-messages ({n}) is below --max-in-flight ({}): Pub/Sub would \
+                 never hand over enough messages to fill the workers; raise it or lower \
+                 --max-in-flight",
+                self.max_in_flight
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Smallest and largest `--max-outstanding-bytes`: one largest valid event, and 1 GiB.
+const MIN_OUTSTANDING_BYTES: u64 = crate::event::MAX_PAYLOAD_BYTES as u64;
+const MAX_OUTSTANDING_BYTES: u64 = 1 << 30;
+
+/// A byte count: a plain integer, or one with a `KiB`, `MiB` or `GiB` suffix.
+fn parse_outstanding_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, ""),
+    };
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?} (use a byte count, or KiB, MiB, GiB)"
+            ));
+        }
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count like 8MiB or 65536"))?;
+    let bytes = n
+        .checked_mul(multiplier)
+        .filter(|b| (MIN_OUTSTANDING_BYTES..=MAX_OUTSTANDING_BYTES).contains(b))
+        .ok_or_else(|| {
+            format!(
+                "{s:?} is outside {MIN_OUTSTANDING_BYTES} bytes (64 KiB, the largest event) to 1GiB"
+            )
+        })?;
+    Ok(bytes)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DedupeMode {
     Memory,
@@ -207,7 +296,9 @@ pub struct CheckArgs {
     #[arg(long, value_name = "REF")]
     pub image: String,
 
-    /// Ignore the mounted and stored index and rebuild it from the cluster first.
+    /// Ignore the mounted and stored index and rebuild it from the cluster first. The rebuilt
+    /// index is also written to the cache ConfigMap, as `cache rebuild` does; off-cluster
+    /// this needs an explicit --cache-configmap.
     #[arg(long)]
     pub rebuild: bool,
 
@@ -329,6 +420,12 @@ pub enum ConfigError {
     File { path: PathBuf, message: String },
     #[error("{0}")]
     Clap(#[from] clap::Error),
+    /// Values that parse alone but contradict each other.
+    #[error("{0}")]
+    Invalid(String),
+    /// A bad `GAR_RESTARTER_*` value, named by its variable.
+    #[error("{message}")]
+    Env { var: String, message: String },
 }
 
 impl ConfigError {
@@ -358,13 +455,22 @@ impl Cli {
         let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
         let command = Cli::command();
         // First pass without `required`, so that required flags may come from the file.
-        let matches = relaxed(command.clone()).try_get_matches_from(&args)?;
+        let matches = relaxed(command.clone())
+            .try_get_matches_from(&args)
+            .map_err(|e| env_error(&command, &args, e))?;
         let merged = match matches.get_one::<PathBuf>("config") {
             Some(path) => merge_file(&command, &matches, &args, path)?,
-            None => args,
+            None => args.clone(),
         };
-        let matches = command.try_get_matches_from(&merged)?;
-        Ok(Cli::from_arg_matches(&matches)?)
+        let matches = command
+            .clone()
+            .try_get_matches_from(&merged)
+            .map_err(|e| env_error(&command, &args, e))?;
+        let cli = Cli::from_arg_matches(&matches)?;
+        if let Command::Run(run) = &cli.command {
+            run.validate().map_err(ConfigError::Invalid)?;
+        }
+        Ok(cli)
     }
 }
 
@@ -380,7 +486,7 @@ fn merge_file(
         path: path.to_path_buf(),
         message,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+    let text = read_config_file(path).map_err(file_err)?;
     let table: toml::Table = toml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
     // Building propagates global flags (e.g. --log-format) into the subcommands.
     let mut built = command.clone();
@@ -392,15 +498,25 @@ fn merge_file(
             "unknown key {key:?} (keys are the long flag names, e.g. \"dead-letter-topic\")"
         )));
     }
-    let Some((sub_name, sub_matches)) = matches.subcommand() else {
+    let Some((top_name, top_matches)) = matches.subcommand() else {
         return Ok(args.to_vec());
     };
     // `dlq replay` takes no file: its `subscription` would mean the DLQ's, not the daemon's.
-    let Some(sub) = command
-        .find_subcommand(sub_name)
-        .filter(|_| sub_name != "dlq")
+    let Some(top) = command
+        .find_subcommand(top_name)
+        .filter(|_| top_name != "dlq")
     else {
         return Ok(args.to_vec());
+    };
+    // `cache rebuild` is nested one level deeper: its flags (the scope, the ConfigMap) are
+    // the ones the file must fill, not the argument-less `cache`'s. Reading `cache` instead
+    // once turned a namespaced rebuild into a cluster-wide scan written to `default`.
+    let (sub_name, sub, sub_matches) = match top_matches.subcommand() {
+        Some((name, nested_matches)) => match top.find_subcommand(name) {
+            Some(nested) => (name, nested, nested_matches),
+            None => return Ok(args.to_vec()),
+        },
+        None => (top_name, top, top_matches),
     };
     let mut injected: Vec<OsString> = Vec::new();
     for (key, value) in &table {
@@ -444,10 +560,19 @@ fn merge_file(
     }
     // File values go right after the subcommand name so that anything on the real command
     // line comes later and wins (`args_override_self`).
-    let pos = args
+    let top_pos = args
         .iter()
-        .position(|a| a.to_str() == Some(sub_name))
+        .position(|a| a.to_str() == Some(top_name))
         .ok_or_else(|| file_err("cannot place file values".to_string()))?;
+    let pos = if sub_name == top_name {
+        top_pos
+    } else {
+        args.iter()
+            .skip(top_pos + 1)
+            .position(|a| a.to_str() == Some(sub_name))
+            .map(|p| p + top_pos + 1)
+            .ok_or_else(|| file_err("cannot place file values".to_string()))?
+    };
     let mut merged = args[..=pos].to_vec();
     merged.extend(injected);
     merged.extend_from_slice(&args[pos + 1..]);
@@ -467,6 +592,82 @@ fn merge_file(
             }
             _ => ConfigError::Clap(e),
         })
+}
+
+/// A config file is a few kilobytes; anything near this is a mistake (or `/dev/zero`).
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Reads `--config`, refusing what is not a regular file (a device, a FIFO, a directory:
+/// `/dev/zero` used to hang here) and anything over [`MAX_CONFIG_BYTES`].
+fn read_config_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".to_string());
+    }
+    let mut bytes = Vec::new();
+    // Checked while reading as well: the file may grow after `metadata`.
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(format!("larger than {MAX_CONFIG_BYTES} bytes"));
+    }
+    String::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))
+}
+
+/// clap names the flag when a value from `GAR_RESTARTER_*` is bad ("invalid value 'x' for
+/// '--max-attempts <N>'"), which sends the operator looking at a command line that does not
+/// have it. When the flag is not on the command line and its variable is set, the error is
+/// reported under the variable's name instead.
+fn env_error(command: &clap::Command, args: &[OsString], e: clap::Error) -> ConfigError {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        e.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return ConfigError::Clap(e);
+    }
+    let Some(ContextValue::String(invalid_arg)) = e.get(ContextKind::InvalidArg) else {
+        return ConfigError::Clap(e);
+    };
+    let long = invalid_arg.split_whitespace().next().unwrap_or_default();
+    let Some(name) = long.strip_prefix("--") else {
+        return ConfigError::Clap(e);
+    };
+    let on_command_line = args.iter().filter_map(|a| a.to_str()).any(|a| {
+        a == long
+            || a.strip_prefix(long)
+                .is_some_and(|rest| rest.starts_with('='))
+    });
+    let mut built = command.clone();
+    built.build();
+    let var = std::iter::once(&built)
+        .chain(built.get_subcommands())
+        .chain(built.get_subcommands().flat_map(|c| c.get_subcommands()))
+        .flat_map(|c| c.get_arguments())
+        .find(|a| a.get_long() == Some(name))
+        .and_then(|a| a.get_env())
+        .and_then(|v| v.to_str())
+        .map(str::to_string);
+    match var {
+        Some(var) if !on_command_line && std::env::var_os(&var).is_some() => {
+            let rendered = e.to_string();
+            let message = rendered
+                .trim_start_matches("error: ")
+                .split("\n\n")
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .replace(
+                    &format!("'{invalid_arg}'"),
+                    &format!("environment variable {var} (read for {long})"),
+                );
+            ConfigError::Env { var, message }
+        }
+        _ => ConfigError::Clap(e),
+    }
 }
 
 fn relaxed(mut command: clap::Command) -> clap::Command {
@@ -509,15 +710,48 @@ impl ScopeArgs {
     /// The cache ConfigMap, defaulting to the pod's namespace.
     pub fn cache_configmap(&self) -> ObjectName {
         self.cache_configmap.clone().unwrap_or_else(|| ObjectName {
-            namespace: pod_namespace(Path::new(
-                "/var/run/secrets/kubernetes.io/serviceaccount/namespace",
-            )),
+            namespace: pod_namespace(Path::new(SA_NAMESPACE_FILE)),
             name: "gar-restarter-cache".to_string(),
         })
     }
 }
 
-fn pod_namespace(sa_file: &Path) -> String {
+const SA_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+impl ScopeArgs {
+    /// The cache ConfigMap for a command that *writes* it (`cache rebuild`, `check
+    /// --rebuild`). Off-cluster there is no pod namespace, and falling back to `default`
+    /// would write a ConfigMap where nobody looks, silently; so there `--cache-configmap`
+    /// is required.
+    pub fn cache_configmap_for_write(&self) -> Result<ObjectName, String> {
+        writable_configmap(
+            self.cache_configmap.clone(),
+            known_pod_namespace(Path::new(SA_NAMESPACE_FILE)),
+        )
+    }
+}
+
+fn writable_configmap(
+    explicit: Option<ObjectName>,
+    pod_namespace: Option<String>,
+) -> Result<ObjectName, String> {
+    match (explicit, pod_namespace) {
+        (Some(name), _) => Ok(name),
+        (None, Some(namespace)) => Ok(ObjectName {
+            namespace,
+            name: "gar-restarter-cache".to_string(),
+        }),
+        (None, None) => Err(
+            "--cache-configmap NS/NAME is required off-cluster: this command writes the cache \
+             ConfigMap, and without POD_NAMESPACE or a service-account namespace there is no \
+             namespace to default to"
+                .to_string(),
+        ),
+    }
+}
+
+/// POD_NAMESPACE, else the service account's namespace file; `None` off-cluster.
+fn known_pod_namespace(sa_file: &Path) -> Option<String> {
     std::env::var("POD_NAMESPACE")
         .ok()
         .filter(|s| is_dns_label(s))
@@ -527,7 +761,10 @@ fn pod_namespace(sa_file: &Path) -> String {
                 .map(|s| s.trim().to_string())
                 .filter(|s| is_dns_label(s))
         })
-        .unwrap_or_else(|| "default".to_string())
+}
+
+fn pod_namespace(sa_file: &Path) -> String {
+    known_pod_namespace(sa_file).unwrap_or_else(|| "default".to_string())
 }
 
 impl FromStr for LogFormat {
@@ -611,6 +848,146 @@ mod tests {
         ])
         .unwrap_err();
         assert!(e.to_string().contains("--shutdown-timeout"), "{e}");
+    }
+
+    #[test]
+    fn flow_control_defaults_follow_max_in_flight_and_flags_are_validated() {
+        let base = ["run", "--subscription", SUB, "--dead-letter-topic", TOPIC];
+        let fc = run(&base).unwrap().flow_control();
+        // 2 × 64 messages, each at most one 64 KiB event: 8 MiB, not the SDK's 100 MiB.
+        assert_eq!(
+            fc,
+            FlowControl {
+                max_outstanding_messages: 128,
+                max_outstanding_bytes: 8 << 20
+            }
+        );
+        let with = |extra: &[&str]| {
+            let mut argv = base.to_vec();
+            argv.extend_from_slice(extra);
+            run(&argv)
+        };
+        let fc = with(&["--max-in-flight", "10"]).unwrap().flow_control();
+        assert_eq!(fc.max_outstanding_messages, 20);
+        assert_eq!(fc.max_outstanding_bytes, 20 * 64 * 1024);
+        let fc = with(&[
+            "--max-outstanding-messages",
+            "500",
+            "--max-outstanding-bytes",
+            "16MiB",
+        ])
+        .unwrap()
+        .flow_control();
+        assert_eq!(fc.max_outstanding_messages, 500);
+        assert_eq!(fc.max_outstanding_bytes, 16 << 20);
+        for (flag, bad) in [
+            ("--max-outstanding-bytes", "1KiB"),
+            ("--max-outstanding-bytes", "2GiB"),
+            ("--max-outstanding-bytes", "lots"),
+            ("--max-outstanding-bytes", "8MB"),
+            ("--max-outstanding-messages", "0"),
+        ] {
+            let e = with(&[flag, bad]).unwrap_err().to_string();
+            assert!(e.contains(flag), "{flag} {bad}: {e}");
+        }
+        let e = with(&["--max-outstanding-messages", "10"]).unwrap_err();
+        assert!(matches!(e, ConfigError::Invalid(_)), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("--max-outstanding-messages") && msg.contains("--max-in-flight"),
+            "{msg}"
+        );
+    }
+
+    /// Issue #14 item 6: `cache rebuild` reads its own keys from the file.
+    #[test]
+    fn cache_rebuild_honours_the_file() {
+        let f = file(
+            "namespace = [\"team-a\"]\ncache-configmap = \"ops/idx\"\nselector = \"tier=web\"\n\
+             min-rebuild-interval = \"1m\"\n",
+        );
+        let path = f.path().to_str().unwrap();
+        let cli = Cli::load_from(["gar-restarter", "--config", path, "cache", "rebuild"]).unwrap();
+        let Command::Cache {
+            command: CacheCommand::Rebuild(r),
+        } = cli.command
+        else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!(r.scope.namespaces, vec!["team-a"]);
+        assert_eq!(r.scope.selector.as_deref(), Some("tier=web"));
+        assert_eq!(r.scope.cache_configmap.unwrap().to_string(), "ops/idx");
+        // A flag still beats the file.
+        let cli = Cli::load_from([
+            "gar-restarter",
+            "--config",
+            path,
+            "cache",
+            "rebuild",
+            "--namespace",
+            "team-b",
+        ])
+        .unwrap();
+        let Command::Cache {
+            command: CacheCommand::Rebuild(r),
+        } = cli.command
+        else {
+            panic!()
+        };
+        assert_eq!(r.scope.namespaces, vec!["team-b"]);
+    }
+
+    /// Issue #14 item 7: a write never lands in `default` by accident.
+    #[test]
+    fn writing_the_cache_off_cluster_needs_an_explicit_configmap() {
+        let explicit = parse_configmap("ops/idx").unwrap();
+        assert_eq!(
+            writable_configmap(Some(explicit.clone()), None),
+            Ok(explicit.clone())
+        );
+        assert_eq!(
+            writable_configmap(Some(explicit.clone()), Some("gar".into())),
+            Ok(explicit)
+        );
+        assert_eq!(
+            writable_configmap(None, Some("gar".into()))
+                .unwrap()
+                .to_string(),
+            "gar/gar-restarter-cache"
+        );
+        let e = writable_configmap(None, None).unwrap_err();
+        assert!(e.contains("--cache-configmap"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let sa = dir.path().join("namespace");
+        std::fs::write(&sa, "team-ns\n").unwrap();
+        // Only when POD_NAMESPACE is not set by whoever runs the tests.
+        if std::env::var_os("POD_NAMESPACE").is_none() {
+            assert_eq!(known_pod_namespace(&sa).as_deref(), Some("team-ns"));
+            assert_eq!(known_pod_namespace(&dir.path().join("absent")), None);
+        }
+    }
+
+    #[test]
+    fn config_must_be_a_small_regular_file() {
+        // `/dev/zero` used to hang the process reading an endless file.
+        let started = std::time::Instant::now();
+        let e = run(&["run", "--config", "/dev/zero"]).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let msg = e.to_string();
+        assert!(
+            msg.contains("/dev/zero") && msg.contains("not a regular file"),
+            "{msg}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let msg = run(&["run", "--config", dir.path().to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("not a regular file"), "{msg}");
+        let big = file(&format!("# {}\n", "x".repeat(MAX_CONFIG_BYTES as usize)));
+        let msg = run(&["run", "--config", big.path().to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("larger than"), "{msg}");
     }
 
     #[test]

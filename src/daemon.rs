@@ -104,6 +104,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
         SourceConfig {
             subscription: args.subscription.clone(),
             max_in_flight: args.max_in_flight as usize,
+            flow_control: args.flow_control(),
             shutdown_timeout: args.shutdown_timeout,
             // Retries stay within the budget; allow generous headroom beyond it.
             max_lease: (args.retry_budget * 4).max(Duration::from_secs(60)),

@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod deadletter;
 pub mod dedupe;
 pub mod event;
+pub mod excerpt;
 pub mod image;
 pub mod index;
 mod json;

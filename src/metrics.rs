@@ -49,6 +49,27 @@ pub struct ApiLabels {
     pub code: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+    pub git_sha: &'static str,
+}
+
+/// The commit, when the build sets `GAR_RESTARTER_GIT_SHA` (the Dockerfile and CI can pass
+/// `git rev-parse HEAD`); `unknown` otherwise.
+pub const GIT_SHA: &str = match option_env!("GAR_RESTARTER_GIT_SHA") {
+    Some(sha) => sha,
+    None => "unknown",
+};
+
+/// Label values known in advance: their series exist at 0 from start-up, so that a rate or
+/// an alert on, say, `dead_letters_total{kind="exhausted"}` has a series before the first
+/// event rather than appearing out of nothing.
+const ACTIONS: [&str; 4] = ["insert", "insert_digest_only", "delete", "malformed"];
+const SETTLED: [&str; 3] = ["ack", "nack", "dead_letter"];
+const DEAD_LETTER_KINDS: [&str; 3] = ["malformed", "permanent", "exhausted"];
+const REBUILD_RESULTS: [&str; 2] = ["ok", "error"];
+
 fn histogram_seconds() -> Histogram {
     // 50 µs … ~27 min: covers a memory lookup and a full cluster rebuild alike.
     Histogram::new(exponential_buckets(0.000_05, 2.5, 16))
@@ -73,6 +94,10 @@ pub struct Metrics {
     pub api_requests: Family<ApiLabels, Counter>,
     pub stream_reconnects: Counter,
     pub in_flight: Gauge,
+    /// 1 once a message arrived without `delivery_attempt` (no dead-letter policy on the
+    /// subscription): attempts are then counted per process and forgotten on restart.
+    pub attempts_counted_per_process: Gauge,
+    pub build_info: Family<BuildLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -104,8 +129,28 @@ impl Metrics {
             api_requests: Family::default(),
             stream_reconnects: Counter::default(),
             in_flight: Gauge::default(),
+            attempts_counted_per_process: Gauge::default(),
+            build_info: Family::default(),
             registry: Registry::default(),
         };
+        for action in ACTIONS {
+            let _ = m.events_received.get_or_create(&ActionLabels { action });
+        }
+        for outcome in SETTLED {
+            let _ = m.events_settled.get_or_create(&OutcomeLabels { outcome });
+        }
+        for kind in DEAD_LETTER_KINDS {
+            let _ = m.dead_letters.get_or_create(&KindLabels { kind });
+        }
+        for result in REBUILD_RESULTS {
+            let _ = m.rebuilds.get_or_create(&ResultLabels { result });
+        }
+        m.build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                git_sha: GIT_SHA,
+            })
+            .set(1);
         registry.register(
             "events_received",
             "Pub/Sub messages received, by event action",
@@ -186,6 +231,16 @@ impl Metrics {
             "Messages being processed now",
             m.in_flight.clone(),
         );
+        registry.register(
+            "attempts_counted_per_process",
+            "1 when messages arrive without delivery_attempt (no dead-letter policy on the subscription), so attempts are counted per process and reset on restart",
+            m.attempts_counted_per_process.clone(),
+        );
+        registry.register(
+            "build_info",
+            "Always 1; the labels name the running build",
+            m.build_info.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -248,5 +303,24 @@ mod tests {
         );
         assert!(text.contains("gar_restarter_index_images 3"), "{text}");
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn labelled_counters_and_build_info_exist_from_start_up() {
+        let text = Metrics::new().encode();
+        for series in [
+            "gar_restarter_events_received_total{action=\"malformed\"} 0",
+            "gar_restarter_events_settled_total{outcome=\"dead_letter\"} 0",
+            "gar_restarter_dead_letters_total{kind=\"exhausted\"} 0",
+            "gar_restarter_rebuilds_total{result=\"error\"} 0",
+            "gar_restarter_attempts_counted_per_process 0",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+        let build = format!(
+            "gar_restarter_build_info{{version=\"{}\",git_sha=\"{GIT_SHA}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&build), "{build} missing:\n{text}");
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -63,6 +64,7 @@ pub struct Pipeline<L> {
     /// policy.
     attempts: BoundedTtlMap<String, u32>,
     max_attempts: u32,
+    warned_per_process: AtomicBool,
 }
 
 /// Entries kept in each dedupe map; ~200 bytes each, so a few tens of MB at worst.
@@ -101,6 +103,7 @@ impl<L: Lookup> Pipeline<L> {
             // Long enough to outlive any redelivery cycle of a failing message.
             attempts: BoundedTtlMap::new(Duration::from_secs(6 * 3600), DEDUPE_CAPACITY),
             max_attempts: config.max_attempts,
+            warned_per_process: AtomicBool::new(false),
         }
     }
 
@@ -108,9 +111,26 @@ impl<L: Lookup> Pipeline<L> {
     pub fn attempt(&self, msg: &Inbound) -> u32 {
         match msg.delivery_attempt {
             Some(n) if n > 0 => n as u32,
-            _ => self
-                .attempts
-                .update(delivery_key(msg), |c| c.unwrap_or(0) + 1),
+            _ => {
+                self.note_attempts_per_process();
+                self.attempts
+                    .update(delivery_key(msg), |c| c.unwrap_or(0) + 1)
+            }
+        }
+    }
+
+    /// Without `delivery_attempt` each replica counts its own deliveries and a restart
+    /// forgets them, so a message failing while replicas come and go may never reach
+    /// `--max-attempts`. Said once per process (a WARN per message would flood), and kept
+    /// as a gauge for alerting.
+    fn note_attempts_per_process(&self) {
+        if !self.warned_per_process.swap(true, Ordering::Relaxed) {
+            self.metrics.attempts_counted_per_process.set(1);
+            tracing::warn!(
+                "messages arrive without delivery_attempt (the subscription has no dead-letter \
+                 policy): attempts are counted per process and reset on restart; set a \
+                 dead-letter policy with max_delivery_attempts above --max-attempts"
+            );
         }
     }
 
@@ -305,6 +325,11 @@ impl<L: Lookup> Pipeline<L> {
         } else {
             Settlement::Nack { reason }
         }
+    }
+
+    /// The metrics this pipeline reports to, as `/metrics` would show them.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.encode()
     }
 
     fn count_action(&self, action: &'static str) {

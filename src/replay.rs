@@ -17,7 +17,9 @@ use google_cloud_pubsub::model::Message;
 use google_cloud_pubsub::subscriber::ShutdownBehavior;
 
 use crate::config::ReplayArgs;
-use crate::deadletter::{ATTR_KIND, ATTR_ORIGINAL_ID, ATTR_REASON, original_attributes};
+use crate::deadletter::{
+    ATTR_KIND, ATTR_ORIGINAL_ID, ATTR_REASON, ATTR_TRUNCATED, is_truncated, original_attributes,
+};
 use crate::pubsub::{self, PubSubError};
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +48,34 @@ pub enum ReplayError {
         subscription: String,
         message: String,
     },
+    /// The SDK retries a refused connection silently, so an unreachable endpoint would
+    /// otherwise look like an empty subscription: `replayed=0` and exit 0.
+    #[error(
+        "could not reach Pub/Sub at {endpoint} to pull from {subscription}: {message} \
+         (nothing was replayed)"
+    )]
+    Unreachable {
+        endpoint: String,
+        subscription: String,
+        message: String,
+    },
+}
+
+/// `Err(why)` when nothing accepts TCP connections at `authority` within 2 s.
+pub async fn probe_endpoint(authority: &str) -> Result<(), String> {
+    let connect = tokio::net::TcpStream::connect(authority);
+    match tokio::time::timeout(std::time::Duration::from_secs(2), connect).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 2 s".to_string()),
+    }
+}
+
+/// Prints one line of the run's report. A closed stdout (`dlq replay … | head -1`) must not
+/// panic the run half-way, with messages held: the report is lost, the replay goes on.
+fn report(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, ReplayError> {
@@ -54,6 +84,10 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, ReplayError> {
     let mut stream = subscriber
         .subscribe(args.subscription.as_str())
         .set_max_outstanding_messages(1000)
+        // Dead letters may be 10 MB each and held ones stay outstanding until the end: bound
+        // the bytes too (the SDK default is 100 MiB). Past it the stream pauses and the run
+        // ends on its idle timeout; the next run sees the rest.
+        .set_max_outstanding_bytes(64 << 20)
         // Held (skipped, dry-run) messages are released at the end; should the command be
         // killed instead, they come back after this short deadline rather than the SDK's 60 s.
         .set_max_lease_extension(crate::source::LEASE_EXTENSION)
@@ -76,6 +110,19 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, ReplayError> {
             break;
         }
         let next = match tokio::time::timeout(args.idle_timeout, stream.next()).await {
+            Err(_) if seen.is_empty() => {
+                // Idle from the start: an empty subscription, or an endpoint we never
+                // reached. Only the second is a failure.
+                let endpoint = pubsub::endpoint_authority();
+                if let Err(message) = probe_endpoint(&endpoint).await {
+                    return Err(ReplayError::Unreachable {
+                        endpoint,
+                        subscription: args.subscription.clone(),
+                        message,
+                    });
+                }
+                break;
+            }
             Err(_) => break, // idle
             Ok(None) => break,
             Ok(Some(Err(e))) => {
@@ -106,22 +153,32 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, ReplayError> {
             && published.contains(original)
         {
             summary.skipped += 1;
-            println!("skipped {id}: replayed by this run as {original} and dead-lettered again");
+            report(format_args!(
+                "skipped {id}: replayed by this run as {original} and dead-lettered again"
+            ));
+            held.push(handler);
+            continue;
+        }
+        if is_truncated(&message.attributes) {
+            // Its attributes were trimmed or its data replaced by a digest when it was
+            // dead-lettered: republishing it would send something the publisher never sent.
+            summary.skipped += 1;
+            report(format_args!("{}", truncated_notice(&id)));
             held.push(handler);
             continue;
         }
         if args.kind.as_deref().is_some_and(|k| k != kind) {
             summary.skipped += 1;
-            println!("skipped {id} kind={kind:?}");
+            report(format_args!("skipped {id} kind={kind:?}"));
             held.push(handler);
             continue;
         }
         if args.dry_run {
             summary.replayed += 1;
-            println!(
+            report(format_args!(
                 "{verb} {id} kind={kind} reason={reason:?} bytes={}",
                 message.data.len()
-            );
+            ));
             held.push(handler);
             continue;
         }
@@ -132,7 +189,9 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, ReplayError> {
             Ok(new_id) => {
                 handler.ack();
                 summary.replayed += 1;
-                println!("{verb} {id} as {new_id} kind={kind} reason={reason:?}");
+                report(format_args!(
+                    "{verb} {id} as {new_id} kind={kind} reason={reason:?}"
+                ));
                 published.insert(new_id);
             }
             Err(e) => {
@@ -150,4 +209,38 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, ReplayError> {
     // Flushes our acks; held messages are released for redelivery.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), token.shutdown()).await;
     Ok(summary)
+}
+
+/// What `dlq replay` prints for a bounded record, which it leaves on the subscription.
+pub fn truncated_notice(id: &str) -> String {
+    format!(
+        "skipped {id}: {ATTR_TRUNCATED}=true, a bounded record that cannot be replayed byte for \
+         byte (attributes trimmed or data replaced by dlq_original_sha256); it stays on the \
+         dead-letter subscription for inspection"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn probe_tells_a_closed_port_from_an_open_one() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open = listener.local_addr().unwrap().to_string();
+        assert_eq!(probe_endpoint(&open).await, Ok(()));
+        drop(listener);
+        let err = probe_endpoint(&open).await.unwrap_err();
+        assert!(!err.is_empty());
+    }
+
+    #[test]
+    fn truncated_notice_says_it_cannot_be_replayed() {
+        let notice = truncated_notice("m9");
+        assert!(notice.starts_with("skipped m9:"), "{notice}");
+        assert!(
+            notice.contains("cannot be replayed byte for byte"),
+            "{notice}"
+        );
+    }
 }

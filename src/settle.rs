@@ -117,6 +117,15 @@ async fn settle_in_span<H: AckHandle, D: DeadLetterSink>(
                 &msg.id,
                 subscription,
             );
+            let truncated = letter.is_truncated();
+            if truncated {
+                tracing::warn!(
+                    message_id = %msg.id,
+                    bytes = msg.data.len(),
+                    attributes = msg.attributes.len(),
+                    "message cannot be dead-lettered whole; publishing a bounded record (dlq_truncated=true)"
+                );
+            }
             match sink.publish(letter).await {
                 Ok(dlq_id) => {
                     span.record("messaging.operation.name", "ack");
@@ -127,7 +136,7 @@ async fn settle_in_span<H: AckHandle, D: DeadLetterSink>(
                             kind: kind.as_str(),
                         })
                         .inc();
-                    tracing::warn!(message_id = %msg.id, dlq_message_id = %dlq_id, kind = kind.as_str(), %reason, "dead-lettered");
+                    tracing::warn!(message_id = %msg.id, dlq_message_id = %dlq_id, kind = kind.as_str(), truncated, %reason, "dead-lettered");
                     Settled::DeadLettered
                 }
                 Err(e) => {
@@ -147,4 +156,140 @@ async fn settle_in_span<H: AckHandle, D: DeadLetterSink>(
         })
         .inc();
     settled
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::config::DedupeMode;
+    use crate::deadletter::{ATTR_REASON, ATTR_TRUNCATED, PublishError};
+    use crate::excerpt::EXCERPT_BYTES;
+    use crate::lookup::SharedIndex;
+    use crate::pipeline::{Pipeline, PipelineConfig};
+    use crate::restart::{Restarter, RetryPolicy};
+
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<&'static str>>);
+    struct Handle<'a>(&'a Recorded);
+    // The trait wants 'static handles; tests leak one recorder each.
+    impl AckHandle for Handle<'static> {
+        fn ack(self) {
+            self.0.0.lock().unwrap().push("ack");
+        }
+        fn nack(self) {
+            self.0.0.lock().unwrap().push("nack");
+        }
+    }
+
+    #[derive(Default)]
+    struct Sink(Mutex<Vec<DeadLetter>>);
+    impl DeadLetterSink for Sink {
+        async fn publish(&self, letter: DeadLetter) -> Result<String, PublishError> {
+            self.0.lock().unwrap().push(letter);
+            Ok("dlq-1".into())
+        }
+    }
+
+    fn pipeline() -> Pipeline<SharedIndex> {
+        // Never contacted: malformed messages stop before any API call.
+        let mut config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        config.default_retry = false;
+        let client = kube::Client::try_from(config).unwrap();
+        Pipeline::new(
+            Arc::new(SharedIndex::default()),
+            Restarter::new(client, false, DedupeMode::Memory, RetryPolicy::default()),
+            Arc::new(Metrics::new()),
+            PipelineConfig {
+                max_attempts: 5,
+                dedupe_window: Duration::from_secs(60),
+            },
+        )
+    }
+
+    async fn run(data: Vec<u8>, attributes: HashMap<String, String>) -> (Settled, DeadLetter) {
+        let msg = Inbound {
+            id: "m1".into(),
+            data: Bytes::from(data),
+            attributes,
+            publish_time: None,
+            delivery_attempt: Some(1),
+        };
+        let p = pipeline();
+        let settlement = p.process(&msg, 1).await;
+        let sink = Sink::default();
+        let acks: &'static Recorded = Box::leak(Box::default());
+        let metrics = Arc::new(Metrics::new());
+        let settled = settle(
+            settlement,
+            &msg,
+            1,
+            Handle(acks),
+            &sink,
+            "projects/p/subscriptions/s",
+            &metrics,
+        )
+        .await;
+        assert_eq!(*acks.0.lock().unwrap(), ["ack"]);
+        let letter = sink.0.lock().unwrap().pop().expect("a dead letter");
+        (settled, letter)
+    }
+
+    /// Issue #14 item 12: the reason quotes a bounded excerpt, the dead letter keeps it all.
+    #[tokio::test]
+    async fn hostile_payload_reason_is_bounded_and_data_kept_whole() {
+        let data = format!(
+            r#"{{"action":"{}","tag":"gcr.io/p/a:v"}}"#,
+            "\u{1b}X".repeat(30_000)
+        )
+        .into_bytes();
+        let (settled, letter) = run(data.clone(), HashMap::new()).await;
+        assert_eq!(settled, Settled::DeadLettered);
+        assert_eq!(letter.data.as_ref(), &data[..]);
+        let reason = &letter.attributes[ATTR_REASON];
+        assert!(
+            reason.len() <= EXCERPT_BYTES + 100,
+            "{} bytes: {reason}",
+            reason.len()
+        );
+        assert!(!reason.contains('\u{1b}'), "{reason:?}");
+        assert!(!letter.is_truncated());
+    }
+
+    /// Issue #14 item 13: a message without `delivery_attempt` raises the gauge; one with it
+    /// does not.
+    #[tokio::test]
+    async fn attempts_counted_per_process_is_exported() {
+        let p = pipeline();
+        let text = || p.metrics_text();
+        let mut msg = Inbound {
+            id: "m1".into(),
+            data: Bytes::new(),
+            attributes: HashMap::new(),
+            publish_time: None,
+            delivery_attempt: Some(3),
+        };
+        assert_eq!(p.attempt(&msg), 3);
+        assert!(text().contains("gar_restarter_attempts_counted_per_process 0"));
+        msg.delivery_attempt = None;
+        assert_eq!(p.attempt(&msg), 1);
+        assert_eq!(p.attempt(&msg), 2);
+        assert!(text().contains("gar_restarter_attempts_counted_per_process 1"));
+    }
+
+    /// Issue #14 item 4: a message with 100 attributes cannot be republished whole; it is
+    /// dead-lettered as a bounded record and acked rather than nacked forever.
+    #[tokio::test]
+    async fn unpublishable_message_becomes_a_bounded_record_and_is_acked() {
+        let attributes = (0..100).map(|i| (format!("a{i}"), "v".into())).collect();
+        let (settled, letter) = run(b"[1]".to_vec(), attributes).await;
+        assert_eq!(settled, Settled::DeadLettered);
+        assert_eq!(letter.attributes[ATTR_TRUNCATED], "true");
+        assert!(letter.attributes.len() <= 100);
+    }
 }

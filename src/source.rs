@@ -49,6 +49,9 @@ pub const LEASE_EXTENSION: Duration = Duration::from_secs(10);
 pub struct SourceConfig {
     pub subscription: String,
     pub max_in_flight: usize,
+    /// Per stream: bounds the memory held by received messages before the 64 KiB check can
+    /// refuse any of them (the SDK's default of 100 MiB let 10 MB messages OOM-kill us).
+    pub flow_control: crate::config::FlowControl,
     pub shutdown_timeout: Duration,
     /// How long a received message may be held in total: the SDK keeps extending its lease
     /// until then (`set_max_lease`). Not the SDK's `max_lease_extension`, which is the
@@ -100,7 +103,8 @@ pub async fn run<L: Lookup, D: DeadLetterSink>(
             .subscribe(subscription.as_str())
             .set_max_lease(config.max_lease)
             .set_max_lease_extension(LEASE_EXTENSION)
-            .set_max_outstanding_messages(config.max_in_flight as i64 * 2)
+            .set_max_outstanding_messages(config.flow_control.max_outstanding_messages)
+            .set_max_outstanding_bytes(config.flow_control.max_outstanding_bytes)
             .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
             .build();
         let token = stream.shutdown_token();

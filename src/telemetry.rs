@@ -4,6 +4,7 @@
 //! message carries its trace id, exporter or not.
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
@@ -32,6 +33,8 @@ pub enum TelemetryError {
     Exporter(String),
     #[error("RUST_LOG: {0}")]
     Filter(String),
+    #[error("{var}={value:?} is not an OTLP protocol (expected grpc, http/protobuf or http/json)")]
+    Protocol { var: &'static str, value: String },
     #[error("installing the tracing subscriber: {0}")]
     Init(String),
 }
@@ -57,8 +60,30 @@ fn export_requested() -> bool {
     !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 }
 
+/// The protocol variables the OTLP exporter reads.
+const PROTOCOL_VARS: [&str; 2] = [
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+];
+
+/// The exporter falls back to its default on a protocol it does not know, so a typo
+/// (`http/proto`) would silently export with another protocol, or not at all. Refused here,
+/// naming the variable, whether or not an endpoint is set.
+pub fn check_protocol(var: &'static str, value: Option<&str>) -> Result<(), TelemetryError> {
+    match value.map(str::trim) {
+        None | Some("" | "grpc" | "http/protobuf" | "http/json") => Ok(()),
+        Some(other) => Err(TelemetryError::Protocol {
+            var,
+            value: crate::excerpt::quote(other).trim_matches('"').to_string(),
+        }),
+    }
+}
+
 /// The tracer provider: batch OTLP export when requested, otherwise ids only.
 pub fn tracer_provider() -> Result<SdkTracerProvider, TelemetryError> {
+    for var in PROTOCOL_VARS {
+        check_protocol(var, std::env::var(var).ok().as_deref())?;
+    }
     let mut resource = opentelemetry_sdk::Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name("gar-restarter");
@@ -106,6 +131,12 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
             .with_filter(filter)
             .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            // Colour codes only for a person at a terminal: piped into a file or a collector
+            // they are noise (`NO_COLOR`, https://no-color.org, turns them off there too).
+            .with_ansi(ansi_wanted(
+                std::io::stdout().is_terminal(),
+                std::env::var_os("NO_COLOR").is_some(),
+            ))
             .with_writer(std::io::stdout)
             .with_filter(filter)
             .boxed(),
@@ -189,19 +220,23 @@ where
                 .from_root()
                 .find_map(|span| span.extensions().get::<TraceId>().map(|t| t.0.clone()))
         });
-        let Some(trace_id) = trace_id else {
-            return self.0.format_event(ctx, writer, event);
-        };
         let mut line = String::new();
         self.0.format_event(ctx, Writer::new(&mut line), event)?;
-        match line.strip_prefix('{') {
-            Some(rest) => {
-                let quoted = serde_json::to_string(&trace_id).map_err(|_| std::fmt::Error)?;
-                let sep = if rest.starts_with('}') { "" } else { "," };
-                write!(writer, "{{\"{TRACE_ID_FIELD}\":{quoted}{sep}{rest}")
-            }
-            None => writer.write_str(&line),
+        let Some(rest) = line.strip_prefix('{') else {
+            return writer.write_str(&line);
+        };
+        // Cloud Logging reads `severity`, not `level`: without it every line is DEFAULT and
+        // severity filters and alerts see nothing. `level` stays for everyone else.
+        let mut head = format!(
+            "\"severity\":\"{}\"",
+            cloud_severity(event.metadata().level())
+        );
+        if let Some(trace_id) = trace_id {
+            let quoted = serde_json::to_string(&trace_id).map_err(|_| std::fmt::Error)?;
+            head.push_str(&format!(",\"{TRACE_ID_FIELD}\":{quoted}"));
         }
+        let sep = if rest.starts_with('}') { "" } else { "," };
+        write!(writer, "{{{head}{sep}{rest}")
     }
 }
 
@@ -219,11 +254,108 @@ pub fn continue_trace(span: &tracing::Span, attributes: &HashMap<String, String>
     span.record(TRACE_ID_FIELD, tracing::field::display(trace_id));
 }
 
+/// Cloud Logging's `LogSeverity` names for tracing's levels (it has no TRACE).
+fn cloud_severity(level: &tracing::Level) -> &'static str {
+    match *level {
+        tracing::Level::ERROR => "ERROR",
+        tracing::Level::WARN => "WARNING",
+        tracing::Level::INFO => "INFO",
+        tracing::Level::DEBUG | tracing::Level::TRACE => "DEBUG",
+    }
+}
+
+fn ansi_wanted(stdout_is_terminal: bool, no_color: bool) -> bool {
+    stdout_is_terminal && !no_color
+}
+
 /// Default log format: JSON inside a cluster, text on a terminal.
 pub fn default_format() -> LogFormat {
     if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
         LogFormat::Json
     } else {
         LogFormat::Text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn otlp_protocol_is_validated_naming_the_variable() {
+        for ok in [
+            None,
+            Some(""),
+            Some("grpc"),
+            Some("http/protobuf"),
+            Some(" http/json "),
+        ] {
+            assert!(
+                check_protocol("OTEL_EXPORTER_OTLP_PROTOCOL", ok).is_ok(),
+                "{ok:?}"
+            );
+        }
+        let e = check_protocol("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", Some("http/proto"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=\"http/proto\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn json_lines_carry_cloud_logging_severity() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let layer = tracing_subscriber::fmt::layer()
+            .fmt_fields(JsonFields::new())
+            .event_format(WithTraceId(
+                tracing_subscriber::fmt::format().json().flatten_event(true),
+            ))
+            .with_writer(move || writer.clone());
+        let subscriber = Registry::default().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(k = 1, "careful");
+            tracing::error!("bad");
+            tracing::info!("fine");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let got: Vec<(&str, &str)> = lines
+            .iter()
+            .map(|l| {
+                (
+                    l["severity"].as_str().unwrap(),
+                    l["level"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [("WARNING", "WARN"), ("ERROR", "ERROR"), ("INFO", "INFO")]
+        );
+    }
+
+    #[test]
+    fn colours_only_on_a_terminal() {
+        assert!(ansi_wanted(true, false));
+        assert!(!ansi_wanted(false, false));
+        assert!(!ansi_wanted(true, true));
     }
 }

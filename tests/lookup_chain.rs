@@ -111,6 +111,45 @@ async fn missing_mount_costs_exactly_one_get() {
     );
 }
 
+/// Issue #14 item 2: a mounted `cache.json.gz` that is a gzip bomb (under 1 MB, expanding
+/// past the decompression limit) is refused with a clear error; the index in use stays.
+#[tokio::test]
+async fn a_mounted_gzip_bomb_is_refused_and_the_old_index_kept() {
+    use std::io::Write;
+    let api = FakeApi::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let json = index_json(&[(&gar("app:v1"), "prod", "api")]);
+    std::fs::write(dir.path().join("cache.json"), &json).unwrap();
+    let chain = chain(&api, dir.path(), Duration::from_secs(30));
+    assert_eq!(chain.init().await.unwrap(), Origin::Mount);
+
+    let limit = gar_restarter::cache::codec::MAX_DECOMPRESSED_BYTES;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    enc.write_all(br#"{"images":{},"pad":""#).unwrap();
+    let zeros = vec![b'0'; 1 << 20];
+    for _ in 0..=(limit >> 20) {
+        enc.write_all(&zeros).unwrap();
+    }
+    let bomb = enc.finish().unwrap();
+    assert!(bomb.len() < 1_000_000, "{} bytes", bomb.len());
+    std::fs::remove_file(dir.path().join("cache.json")).unwrap();
+    std::fs::write(dir.path().join("cache.json.gz"), &bomb).unwrap();
+
+    match gar_restarter::cache::mount::load(dir.path()) {
+        gar_restarter::cache::mount::MountState::Invalid(reason) => {
+            assert!(reason.contains("gzip bomb"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!chain.reload_mount(), "a bomb does not provide an index");
+    let hits = chain
+        .lookup(&ImageRef::parse(&gar("app:v1")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(hits.workloads.len(), 1, "the old index is still served");
+    assert!(api.requests().is_empty(), "{:?}", api.requests());
+}
+
 #[tokio::test]
 async fn missing_configmap_costs_list_pages_and_one_create() {
     let api = FakeApi::start().await.unwrap();
@@ -262,6 +301,7 @@ async fn twenty_thousand_workloads_round_trip_through_configmaps() {
         payload: 50_000,
         shard_raw: 30_000,
         max_shards: 64,
+        ..Limits::default()
     };
     let store = Store::new(client(&api), sharded_target.clone()).with_limits(limits);
     let (_, encoded) = store.write(&index).await.unwrap();
@@ -555,4 +595,57 @@ async fn cache_rebuild_subcommand_writes_the_configmap_and_reports_counts() {
         .unwrap();
     assert_eq!(stored.workload_count(), 2);
     assert!(stored.get(&ImageRef::parse("redis:7").unwrap()).is_some());
+}
+
+/// Issue #14 item 8: a slower writer with an older index writes no shard at all, so the
+/// newer sharded set stays whole.
+#[tokio::test]
+async fn an_older_sharded_write_touches_no_shard_of_a_newer_set() {
+    let api = FakeApi::start().await.unwrap();
+    let build = |n: usize, at: &str| {
+        let entries = (0..n).map(|i| {
+            (
+                WorkloadRef::new(WorkloadKind::Deployment, "prod", &format!("svc-{i}")),
+                vec![ImageRef::parse(&gar(&format!("img-{i}:v{n}"))).unwrap()],
+            )
+        });
+        Index::build(entries, Scope::default(), at.to_string())
+    };
+    let limits = Limits {
+        payload: 2_000,
+        shard_raw: 1_500,
+        max_shards: 64,
+        ..Limits::default()
+    };
+    let newer = build(400, "2026-12-01T12:00:00Z");
+    let older = build(300, "2026-12-01T11:00:00Z");
+    let (written, encoded) = Store::new(client(&api), cm_target())
+        .with_limits(limits)
+        .write(&newer)
+        .await
+        .unwrap();
+    assert!(matches!(written, Written::Created(_)), "{written:?}");
+    assert!(encoded.shards.len() >= 2, "{} shards", encoded.shards.len());
+
+    api.clear_requests();
+    let (written, _) = Store::new(client(&api), cm_target())
+        .with_limits(limits)
+        .write(&older)
+        .await
+        .unwrap();
+    assert_eq!(written, Written::Superseded);
+    let writes: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method != "GET")
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(writes.is_empty(), "{writes:?}");
+    let stored = Store::new(client(&api), cm_target())
+        .with_limits(limits)
+        .read()
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(stored.same_content(&newer));
 }

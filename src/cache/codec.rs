@@ -30,8 +30,21 @@ pub const CONFIGMAP_PAYLOAD_LIMIT: usize = 1_000_000;
 pub const SHARD_RAW_BYTES: usize = CONFIGMAP_PAYLOAD_LIMIT / 4 * 3;
 /// Upper bound on shards (and on the resourceNames RBAC must list).
 pub const MAX_SHARDS: usize = 8;
-/// A decompressed index larger than this is refused rather than exhausting memory.
-const MAX_DECOMPRESSED: u64 = 512 * 1024 * 1024;
+/// Most stored bytes an index can occupy: the main ConfigMap plus [`MAX_SHARDS`] shards,
+/// 1 MiB each (9 MiB).
+pub const MAX_STORED_BYTES: usize = (MAX_SHARDS + 1) * 1024 * 1024;
+/// Output allowed per byte the ConfigMaps can store.
+///
+/// Why 4: gzip makes `cache.json` about 10× smaller, so the limit is not "anything 9 MiB of
+/// gzip could hold" (a gzip bomb expands 1000×: a 610 KB file once became 551 MB and took
+/// every replica past its memory limit). It is a memory budget instead: the decoder's output
+/// is the largest transient allocation of a load, it lives next to the index in use, and
+/// 36 MiB of JSON is some 125,000 workloads, six times the scale this is built and measured
+/// for (20,000 workloads make 5.8 MB of JSON). [`encode`] refuses to write more, so whatever we store we can read back.
+pub const DECOMPRESSION_FACTOR: usize = 4;
+/// A decompressed index larger than this (36 MiB) is refused with [`CodecError::Decompressed`]
+/// rather than exhausting memory; the index in use is kept.
+pub const MAX_DECOMPRESSED_BYTES: usize = DECOMPRESSION_FACTOR * MAX_STORED_BYTES;
 
 pub fn shard_key(i: usize) -> String {
     format!("{GZIP_KEY}.{i}")
@@ -97,6 +110,14 @@ pub enum CodecError {
     Checksum,
     #[error("index needs {needed} shards, more than the {max} allowed")]
     TooLarge { needed: usize, max: usize },
+    #[error(
+        "gzip: the index decompresses to more than {limit} bytes ({stored} stored), \
+         past the limit of {DECOMPRESSION_FACTOR} x the 9 MiB the ConfigMaps can hold; refused \
+         as a probable gzip bomb"
+    )]
+    Decompressed { limit: usize, stored: usize },
+    #[error("index JSON is {bytes} bytes, over the {limit} bytes a reader accepts")]
+    JsonTooLarge { bytes: usize, limit: usize },
 }
 
 /// Size limits, parameters so tests can force every form with small inputs.
@@ -105,6 +126,8 @@ pub struct Limits {
     pub payload: usize,
     pub shard_raw: usize,
     pub max_shards: usize,
+    /// Largest index JSON written or read back; see [`MAX_DECOMPRESSED_BYTES`].
+    pub max_json: usize,
 }
 
 impl Default for Limits {
@@ -113,12 +136,19 @@ impl Default for Limits {
             payload: CONFIGMAP_PAYLOAD_LIMIT,
             shard_raw: SHARD_RAW_BYTES,
             max_shards: MAX_SHARDS,
+            max_json: MAX_DECOMPRESSED_BYTES,
         }
     }
 }
 
 pub fn encode(index: &Index, limits: Limits) -> Result<Encoded, CodecError> {
     let json = index.to_json();
+    if json.len() > limits.max_json {
+        return Err(CodecError::JsonTooLarge {
+            bytes: json.len(),
+            limit: limits.max_json,
+        });
+    }
     if json.len() <= limits.payload {
         let text = String::from_utf8_lossy(&json).into_owned();
         return Ok(Encoded {
@@ -174,13 +204,23 @@ pub fn encode(index: &Index, limits: Limits) -> Result<Encoded, CodecError> {
 pub fn decode(
     data: &BTreeMap<String, String>,
     binary_data: &BTreeMap<String, Vec<u8>>,
+    shard: impl FnMut(usize) -> Option<Vec<u8>>,
+) -> Result<(Index, Form), CodecError> {
+    decode_limited(data, binary_data, shard, MAX_DECOMPRESSED_BYTES)
+}
+
+/// [`decode`] with the decompressed-size limit as a parameter, for tests.
+pub fn decode_limited(
+    data: &BTreeMap<String, String>,
+    binary_data: &BTreeMap<String, Vec<u8>>,
     mut shard: impl FnMut(usize) -> Option<Vec<u8>>,
+    max_json: usize,
 ) -> Result<(Index, Form), CodecError> {
     if let Some(json) = data.get(PLAIN_KEY) {
         return Ok((Index::from_json(json.as_bytes())?, Form::Plain));
     }
     if let Some(gz) = binary_data.get(GZIP_KEY) {
-        return Ok((Index::from_json(&gunzip(gz)?)?, Form::Gzip));
+        return Ok((Index::from_json(&gunzip(gz, max_json)?)?, Form::Gzip));
     }
     let Some(manifest) = data.get(MANIFEST_KEY) else {
         return Err(CodecError::Empty);
@@ -200,7 +240,7 @@ pub fn decode(
     if hex(&Sha256::digest(&gz)) != manifest.sha256 {
         return Err(CodecError::Checksum);
     }
-    Ok((Index::from_json(&gunzip(&gz)?)?, Form::Sharded))
+    Ok((Index::from_json(&gunzip(&gz, max_json)?)?, Form::Sharded))
 }
 
 fn gzip(bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
@@ -210,12 +250,22 @@ fn gzip(bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
         .map_err(|e| CodecError::Gzip(e.to_string()))
 }
 
-fn gunzip(bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
-    let mut out = Vec::new();
+/// Decompresses at most `limit` bytes. One byte more is read to tell "exactly the limit"
+/// from "past it": the old code stopped at its limit silently and handed the truncated JSON
+/// on, which failed later with a confusing parse error after the memory was spent.
+fn gunzip(bytes: &[u8], limit: usize) -> Result<Vec<u8>, CodecError> {
+    // Capacity from the compressed size, capped: a bomb's header cannot make us reserve more.
+    let mut out = Vec::with_capacity(bytes.len().saturating_mul(4).min(limit));
     GzDecoder::new(bytes)
-        .take(MAX_DECOMPRESSED)
+        .take(limit as u64 + 1)
         .read_to_end(&mut out)
         .map_err(|e| CodecError::Gzip(e.to_string()))?;
+    if out.len() > limit {
+        return Err(CodecError::Decompressed {
+            limit,
+            stored: bytes.len(),
+        });
+    }
     Ok(out)
 }
 
@@ -280,6 +330,7 @@ mod tests {
             payload: 100_000,
             shard_raw: 60_000,
             max_shards: 64,
+            ..Limits::default()
         };
         assert_eq!(round_trip(&index, limits), Form::Sharded);
         // Small indexes stay plain (the original format).
@@ -293,6 +344,7 @@ mod tests {
             payload: 10_000,
             shard_raw: 20_000,
             max_shards: 64,
+            ..Limits::default()
         };
         let enc = encode(&index, limits).unwrap();
         assert!(enc.shards.len() > 1);
@@ -314,10 +366,88 @@ mod tests {
             payload: 10_000,
             shard_raw: 1_000,
             max_shards: 2,
+            ..Limits::default()
         };
         assert!(matches!(
             encode(&index, limits),
             Err(CodecError::TooLarge { .. })
         ));
+    }
+
+    /// A real gzip bomb: `len` bytes of zeros (plus a JSON prefix), compressed ~1000×.
+    /// Streamed into the encoder so the test itself never holds the expanded bytes.
+    pub(crate) fn gzip_bomb(len: usize) -> Vec<u8> {
+        let mut enc = GzEncoder::new(Vec::new(), Compression::best());
+        enc.write_all(br#"{"images":{"a":[],"pad":""#).unwrap();
+        let zeros = vec![b'0'; 1024 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(zeros.len());
+            enc.write_all(&zeros[..n]).unwrap();
+            left -= n;
+        }
+        enc.finish().unwrap()
+    }
+
+    #[test]
+    fn a_gzip_bomb_is_refused_with_a_clear_error() {
+        let bomb = gzip_bomb(MAX_DECOMPRESSED_BYTES + 1024 * 1024);
+        // Small enough to sit in one ConfigMap, as the 610 KB bomb of issue #14 did.
+        assert!(bomb.len() < CONFIGMAP_PAYLOAD_LIMIT, "{} bytes", bomb.len());
+        let binary = BTreeMap::from([(GZIP_KEY.to_string(), bomb.clone())]);
+        let err = decode(&BTreeMap::new(), &binary, |_| None).unwrap_err();
+        assert!(
+            matches!(err, CodecError::Decompressed { limit: MAX_DECOMPRESSED_BYTES, stored } if stored == bomb.len()),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("gzip bomb"), "{err}");
+
+        // The sharded form goes through the same limit (a small one keeps the test quick).
+        let bomb = gzip_bomb(200_000);
+        let manifest = Manifest {
+            version: 1,
+            shards: 1,
+            sha256: hex(&Sha256::digest(&bomb)),
+            generated_at: None,
+        };
+        let data = BTreeMap::from([(
+            MANIFEST_KEY.to_string(),
+            serde_json::to_string(&manifest).unwrap(),
+        )]);
+        let err =
+            decode_limited(&data, &BTreeMap::new(), |_| Some(bomb.clone()), 100_000).unwrap_err();
+        assert!(
+            matches!(err, CodecError::Decompressed { limit: 100_000, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn what_we_write_we_can_read_back() {
+        let index = big_index(2_000);
+        let json = index.to_json().len();
+        let limits = Limits {
+            max_json: json - 1,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            encode(&index, limits),
+            Err(CodecError::JsonTooLarge { .. })
+        ));
+        // Exactly at the limit is still read back.
+        let enc = encode(
+            &index,
+            Limits {
+                payload: 1_000,
+                ..Limits::default()
+            },
+        )
+        .unwrap();
+        let shards = |i: usize| enc.shards.get(i).map(|(_, b)| b.clone());
+        let (back, _) = decode_limited(&enc.data, &enc.binary_data, shards, json).unwrap();
+        assert!(back.same_content(&index));
+        // And the default limit leaves the supported scale (20,000 workloads) ample room.
+        let twenty_k = big_index(20_000).to_json().len();
+        assert!(twenty_k * 6 < MAX_DECOMPRESSED_BYTES, "{twenty_k} bytes");
     }
 }

@@ -11,9 +11,11 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
 use kube::api::{Api, PostParams};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 use crate::cache::codec::{self, CodecError, Encoded, Form, Limits};
-use crate::cluster::{ErrorClass, classify};
+use crate::cluster::{ErrorClass, classify, get_opt};
 use crate::config::ObjectName;
 use crate::index::Index;
 
@@ -99,9 +101,7 @@ impl Store {
 
     /// `Ok(None)` when the ConfigMap does not exist.
     pub async fn read(&self) -> Result<Option<Index>, StoreError> {
-        let cm = self
-            .api()
-            .get_opt(&self.target.name)
+        let cm = get_opt(&self.api(), &self.target.name)
             .await
             .map_err(self.api_err("GET", &self.target.name))?;
         self.remember(cm.clone());
@@ -142,9 +142,7 @@ impl Store {
                 .unwrap_or(0);
             for i in 0..count {
                 let name = codec::shard_name(&self.target.name, i);
-                let shard = self
-                    .api()
-                    .get_opt(&name)
+                let shard = get_opt(&self.api(), &name)
                     .await
                     .map_err(self.api_err("GET", &name))?;
                 shards.push(shard.and_then(|s| {
@@ -169,6 +167,25 @@ impl Store {
             name: self.target.to_string(),
             source,
         })?;
+        // The "is the stored index newer?" check comes before the first shard is written:
+        // shards are shared by every writer, so a slower replica that wrote its (older)
+        // shards first would corrupt a newer complete set, even though its manifest write
+        // would then be refused. `put` checks again for the main ConfigMap, against races.
+        if !encoded.shards.is_empty() {
+            let current = match self.take_remembered() {
+                Some(c) => c,
+                None => get_opt(&self.api(), &self.target.name)
+                    .await
+                    .map_err(self.api_err("GET", &self.target.name))?,
+            };
+            if let Some(current) = &current
+                && let Some(verdict) = self.verdict(current, index).await
+            {
+                self.remember(Some(current.clone()));
+                return Ok((verdict, encoded));
+            }
+            self.remember(current);
+        }
         for (i, (key, bytes)) in encoded.shards.iter().enumerate() {
             let name = codec::shard_name(&self.target.name, i);
             let cm = self.configmap(
@@ -237,7 +254,9 @@ impl Store {
         for _ in 0..MAX_CONFLICT_RETRIES {
             let current = match known.take() {
                 Some(c) => c,
-                None => api.get_opt(name).await.map_err(self.api_err("GET", name))?,
+                None => get_opt(&api, name)
+                    .await
+                    .map_err(self.api_err("GET", name))?,
             };
             let result = match current {
                 None => {
@@ -248,16 +267,10 @@ impl Store {
                 }
                 Some(current) => {
                     if let Some(ours) = newer_than
-                        && let Ok(theirs) = self.decode(&current).await
+                        && let Some(verdict) = self.verdict(&current, ours).await
                     {
-                        if theirs.same_content(ours) {
-                            self.remember(Some(current));
-                            return Ok(Written::Unchanged);
-                        }
-                        if is_newer_or_equal(&theirs, ours) {
-                            self.remember(Some(current));
-                            return Ok(Written::Superseded);
-                        }
+                        self.remember(Some(current));
+                        return Ok(verdict);
                     }
                     desired.metadata.resource_version = current.metadata.resource_version.clone();
                     api.replace(name, &params, &desired)
@@ -274,6 +287,7 @@ impl Store {
                 }
                 // 409: someone wrote between our GET and our write (AlreadyExists on create,
                 // Conflict on replace): read again and retry.
+                // By code, not kube's reason-based `is_conflict` (see `cluster::is_not_found`).
                 Err(kube::Error::Api(s)) if s.code == 409 => {
                     tracing::debug!(configmap = name, "write conflict; re-reading");
                     continue;
@@ -284,6 +298,18 @@ impl Store {
         Err(StoreError::Conflict {
             name: format!("{}/{name}", self.target.namespace),
         })
+    }
+}
+
+impl Store {
+    /// `Some` when `ours` must not replace what `current` holds: the same content, or an
+    /// index at least as new. An unreadable stored index is replaced.
+    async fn verdict(&self, current: &ConfigMap, ours: &Index) -> Option<Written> {
+        let theirs = self.decode(current).await.ok()?;
+        if theirs.same_content(ours) {
+            return Some(Written::Unchanged);
+        }
+        is_newer_or_equal(&theirs, ours, OffsetDateTime::now_utc()).then_some(Written::Superseded)
     }
 }
 
@@ -298,10 +324,43 @@ fn form_of(cm: &ConfigMap) -> Form {
     }
 }
 
+/// A stored `generatedAt` further ahead of our clock than this is a clock gone wrong (a
+/// replica with a bad clock, a hand-edited ConfigMap), not a newer index. Honouring it would
+/// block every later write until the wall clock caught up, so it is treated as stale.
+const MAX_CLOCK_SKEW: time::Duration = time::Duration::minutes(5);
+
 /// RFC 3339 UTC timestamps of equal precision compare correctly as strings.
-fn is_newer_or_equal(theirs: &Index, ours: &Index) -> bool {
+fn is_newer_or_equal(theirs: &Index, ours: &Index, now: OffsetDateTime) -> bool {
     match (theirs.generated_at(), ours.generated_at()) {
-        (Some(t), Some(o)) => t >= o,
+        (Some(t), Some(o)) => t >= o && !in_the_future(t, now),
         _ => false,
+    }
+}
+
+fn in_the_future(stamp: &str, now: OffsetDateTime) -> bool {
+    OffsetDateTime::parse(stamp, &Rfc3339).is_ok_and(|t| t > now + MAX_CLOCK_SKEW)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::Scope;
+
+    fn at(stamp: &str) -> Index {
+        Index::build(Vec::new(), Scope::default(), stamp.to_string())
+    }
+
+    #[test]
+    fn a_future_generated_at_does_not_block_later_writes() {
+        let now = OffsetDateTime::parse("2026-12-01T12:00:00Z", &Rfc3339).unwrap();
+        let ours = at("2026-12-01T12:00:00Z");
+        // Newer, within the skew: respected.
+        assert!(is_newer_or_equal(&at("2026-12-01T12:04:00Z"), &ours, now));
+        assert!(is_newer_or_equal(&at("2026-12-01T12:00:00Z"), &ours, now));
+        // Older: replaced.
+        assert!(!is_newer_or_equal(&at("2026-12-01T11:00:00Z"), &ours, now));
+        // Far in the future (a bad clock): replaced rather than blocking forever.
+        assert!(!is_newer_or_equal(&at("2099-01-01T00:00:00Z"), &ours, now));
+        assert!(!is_newer_or_equal(&at("2026-12-01T12:06:00Z"), &ours, now));
     }
 }
