@@ -26,6 +26,9 @@ pub const TOPIC: &str = "gcr";
 pub const SUB: &str = "gcr-sub";
 pub const DLQ_TOPIC: &str = "gcr-dead-letter";
 pub const DLQ_SUB: &str = "gcr-dead-letter-sub";
+/// Where Pub/Sub itself forwards a message after the subscription's max delivery attempts
+/// (only with [`Harness::real_with_pubsub_dead_letter_policy`]).
+pub const PUBSUB_DLQ_TOPIC: &str = "gcr-pubsub-dead-letter";
 
 pub const HEX_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 pub const HEX_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
@@ -91,7 +94,17 @@ impl Harness {
         let api = KubeApi::start_with(overlay, edit)
             .await
             .unwrap_or_else(|e| panic!("start the test control plane: {e}"));
-        Harness::with_api(TestApi::Kube(api), &[]).await
+        Harness::with_api(TestApi::Kube(api), &[], None).await
+    }
+
+    /// [`Harness::real`] with a Pub/Sub dead-letter policy of `max` delivery attempts on the
+    /// subscription, so that Pub/Sub counts deliveries and sets `delivery_attempt`.
+    pub async fn real_with_pubsub_dead_letter_policy(max: u32) -> Harness {
+        init_crypto();
+        let api = KubeApi::start()
+            .await
+            .unwrap_or_else(|e| panic!("start the test control plane: {e}"));
+        Harness::with_api(TestApi::Kube(api), &[], Some(max)).await
     }
 
     pub fn subscription(&self) -> String {
@@ -489,16 +502,29 @@ impl Harness {
     /// tap on the GAR topic to observe what is published there.
     pub async fn with_subscriptions(extra: &[(&str, &str)]) -> Harness {
         let api = FakeApi::start().await.expect("start fake API");
-        Harness::with_api(TestApi::Fake(api), extra).await
+        Harness::with_api(TestApi::Fake(api), extra, None).await
     }
 
-    async fn with_api(api: TestApi, extra: &[(&str, &str)]) -> Harness {
+    async fn with_api(
+        api: TestApi,
+        extra: &[(&str, &str)],
+        pubsub_dead_letter_after: Option<u32>,
+    ) -> Harness {
         init_crypto();
         let mut subs = vec![(SUB, TOPIC), (DLQ_SUB, DLQ_TOPIC)];
         subs.extend_from_slice(extra);
-        let emulator = Emulator::start(PROJECT, &[TOPIC, DLQ_TOPIC], &subs)
-            .await
-            .expect("start pstest emulator");
+        let policy: Vec<(&str, &str, u32)> = pubsub_dead_letter_after
+            .map(|max| (SUB, PUBSUB_DLQ_TOPIC, max))
+            .into_iter()
+            .collect();
+        let emulator = Emulator::start_with_dead_letters(
+            PROJECT,
+            &[TOPIC, DLQ_TOPIC, PUBSUB_DLQ_TOPIC],
+            &subs,
+            &policy,
+        )
+        .await
+        .expect("start pstest emulator");
         let dir = tempfile::tempdir().expect("tempdir");
         api.write_kubeconfig(&dir.path().join("kubeconfig"))
             .expect("kubeconfig");

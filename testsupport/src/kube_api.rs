@@ -91,6 +91,16 @@ impl KubeApi {
             let cluster = &cluster;
             edit(Grant::render(cluster, overlay, &placement)?)
         };
+        // The namespaces the manifests put Roles and RoleBindings in must exist first.
+        let namespaces: std::collections::BTreeSet<String> = grant
+            .objects
+            .iter()
+            .filter_map(|o| o.pointer("/metadata/namespace").and_then(Value::as_str))
+            .map(str::to_owned)
+            .collect();
+        for ns in namespaces {
+            cluster.create_namespace(&ns).await?;
+        }
         grant.apply(&cluster)?;
         Ok(Arc::new(KubeApi {
             proxy,
