@@ -1,4 +1,5 @@
-//! The lookup chain against the fake API server: every test asserts the exact API traffic.
+//! The lookup chain against a real kube-apiserver (through the recording proxy): every test
+//! asserts the exact API traffic.
 
 mod common;
 
@@ -16,7 +17,7 @@ use gar_restarter::index::{Index, Scope};
 use gar_restarter::lookup::{Lookup, LookupSource};
 use gar_restarter::metrics::Metrics;
 use gar_restarter::workload::{WorkloadKind, WorkloadRef};
-use gar_testsupport::fake_api::{FakeApi, configmap, daemonset, deployment, statefulset};
+use gar_testsupport::fake_api::{configmap, daemonset, deployment, statefulset};
 
 const CM_NS: &str = "gar-restarter";
 const CM_NAME: &str = "gar-restarter-cache";
@@ -28,14 +29,30 @@ fn cm_target() -> ObjectName {
     }
 }
 
-fn client(api: &FakeApi) -> kube::Client {
+/// A control plane of the test's own, with the daemon's RBAC from deploy/base.
+async fn real_api() -> TestApi {
     init_crypto();
-    let mut config = kube::Config::new(api.url().parse().unwrap());
-    config.default_retry = false;
-    kube::Client::try_from(config).unwrap()
+    TestApi::Kube(
+        gar_testsupport::kube_api::KubeApi::start()
+            .await
+            .unwrap_or_else(|e| panic!("start the test control plane: {e}")),
+    )
 }
 
-fn chain(api: &FakeApi, cache_dir: &std::path::Path, min_rebuild: Duration) -> CacheChain {
+/// A client with the daemon's identity and kube's retries off, as the daemon builds it.
+fn client(api: &TestApi) -> kube::Client {
+    init_crypto();
+    match api {
+        TestApi::Kube(api) => api.daemon_client(),
+        TestApi::Fake(api) => {
+            let mut config = kube::Config::new(api.url().parse().unwrap());
+            config.default_retry = false;
+            kube::Client::try_from(config).unwrap()
+        }
+    }
+}
+
+fn chain(api: &TestApi, cache_dir: &std::path::Path, min_rebuild: Duration) -> CacheChain {
     CacheChain::new(
         client(api),
         ChainConfig {
@@ -91,7 +108,7 @@ fn non_patch_requests(requests: Vec<gar_testsupport::traffic::RecordedRequest>) 
 
 #[tokio::test]
 async fn missing_mount_costs_exactly_one_get() {
-    let api = FakeApi::start().await.unwrap();
+    let api = real_api().await;
     let json = index_json(&[(&gar("app:v1"), "prod", "api")]);
     api.insert(configmap(CM_NS, CM_NAME, &[("cache.json", &json)]));
     let dir = tempfile::tempdir().unwrap();
@@ -116,7 +133,7 @@ async fn missing_mount_costs_exactly_one_get() {
 #[tokio::test]
 async fn a_mounted_gzip_bomb_is_refused_and_the_old_index_kept() {
     use std::io::Write;
-    let api = FakeApi::start().await.unwrap();
+    let api = real_api().await;
     let dir = tempfile::tempdir().unwrap();
     let json = index_json(&[(&gar("app:v1"), "prod", "api")]);
     std::fs::write(dir.path().join("cache.json"), &json).unwrap();
@@ -152,13 +169,16 @@ async fn a_mounted_gzip_bomb_is_refused_and_the_old_index_kept() {
 
 #[tokio::test]
 async fn missing_configmap_costs_list_pages_and_one_create() {
-    let api = FakeApi::start().await.unwrap();
+    let api = real_api().await;
     for i in 0..1_200 {
-        api.insert(deployment(
+        let mut d = deployment(
             &format!("ns{}", i % 7),
             &format!("d{i}"),
             &[&gar(&format!("img{i}:v1"))],
-        ));
+        );
+        // No pods: 1,200 rollouts would only load the 2-core CI machine.
+        d["spec"]["replicas"] = serde_json::json!(0);
+        api.insert(d);
     }
     api.insert(statefulset("data", "db", &["postgres:16"]));
     let dir = tempfile::tempdir().unwrap();
@@ -205,7 +225,7 @@ async fn missing_configmap_costs_list_pages_and_one_create() {
 
 #[tokio::test]
 async fn a_thousand_concurrent_misses_cost_one_list_sweep() {
-    let api = FakeApi::start().await.unwrap();
+    let api = real_api().await;
     api.insert(deployment("prod", "api", &[&gar("app:v1")]));
     let json = index_json(&[(&gar("app:v1"), "prod", "api")]);
     api.insert(configmap(CM_NS, CM_NAME, &[("cache.json", &json)]));
@@ -246,7 +266,7 @@ async fn a_thousand_concurrent_misses_cost_one_list_sweep() {
 
 #[tokio::test]
 async fn new_workload_for_a_known_image_is_found_by_the_refresh() {
-    let api = FakeApi::start().await.unwrap();
+    let api = real_api().await;
     api.insert(deployment("prod", "api", &[&gar("app:v1")]));
     let dir = tempfile::tempdir().unwrap();
     let chain = chain(&api, dir.path(), Duration::from_secs(30));
@@ -261,7 +281,7 @@ async fn new_workload_for_a_known_image_is_found_by_the_refresh() {
 
 #[tokio::test]
 async fn twenty_thousand_workloads_round_trip_through_configmaps() {
-    let api = FakeApi::start().await.unwrap();
+    let api = real_api().await;
     let entries = (0..20_000).map(|i| {
         let w = WorkloadRef::new(
             WorkloadKind::ALL[i % 3],
@@ -292,27 +312,51 @@ async fn twenty_thousand_workloads_round_trip_through_configmaps() {
     assert!(back.same_content(&index));
     assert_eq!(back.workload_count(), 20_000);
     assert!(encoded.bytes < 1_000_000);
+    let gzip_bytes = encoded.bytes;
+    // The real API server refuses a ConfigMap over 1 MiB, which is why the index is
+    // compressed and, past that, sharded.
+    let too_big = "x".repeat(1_100_000);
+    let admin = api.kube().admin();
+    let configmaps: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(admin, CM_NS);
+    let oversized: k8s_openapi::api::core::v1::ConfigMap =
+        serde_json::from_value(configmap(CM_NS, "too-big", &[("cache.json", &too_big)])).unwrap();
+    match configmaps
+        .create(&kube::api::PostParams::default(), &oversized)
+        .await
+    {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!(s.code, 422, "{s:?}");
+            assert!(s.message.contains("1048576"), "{}", s.message);
+        }
+        other => panic!("a 1.1 MB ConfigMap must be refused, got {other:?}"),
+    }
     // Forced small shards: the sharded form, written shards first, read back identically.
-    let sharded_target = ObjectName {
-        namespace: CM_NS.into(),
-        name: "sharded".into(),
-    };
+    // RBAC (deploy/base) allows the daemon exactly gar-restarter-cache and -0 … -7, so the
+    // set replaces the gzip form under the same name, within 8 shards.
+    api.remove("configmaps", CM_NS, CM_NAME)
+        .expect("the gzip form");
     let limits = Limits {
         payload: 50_000,
-        shard_raw: 30_000,
-        max_shards: 64,
+        // About four shards of the compressed index.
+        shard_raw: gzip_bytes / 4 + 1,
+        max_shards: 8,
         ..Limits::default()
     };
-    let store = Store::new(client(&api), sharded_target.clone()).with_limits(limits);
+    let store = Store::new(client(&api), cm_target()).with_limits(limits);
     let (_, encoded) = store.write(&index).await.unwrap();
-    assert!(encoded.shards.len() >= 2, "{} shards", encoded.shards.len());
+    assert!(
+        (2..=8).contains(&encoded.shards.len()),
+        "{} shards",
+        encoded.shards.len()
+    );
     for i in 0..encoded.shards.len() {
         assert!(
-            api.get("configmaps", CM_NS, &format!("sharded-{i}"))
+            api.get("configmaps", CM_NS, &format!("{CM_NAME}-{i}"))
                 .is_some()
         );
     }
-    let back = Store::new(client(&api), sharded_target)
+    let back = Store::new(client(&api), cm_target())
         .read()
         .await
         .unwrap()
@@ -322,7 +366,7 @@ async fn twenty_thousand_workloads_round_trip_through_configmaps() {
 
 #[tokio::test]
 async fn racing_rebuilds_converge_through_409() {
-    let api = FakeApi::start().await.unwrap();
+    let api = real_api().await;
     let older = index_json(&[(&gar("app:v1"), "prod", "a")]);
     api.insert(configmap(CM_NS, CM_NAME, &[("cache.json", &older)]));
     let w = |n: &str| WorkloadRef::new(WorkloadKind::Deployment, "prod", n);
@@ -557,7 +601,7 @@ async fn statefulsets_and_daemonsets_are_restarted_and_opt_outs_are_not() {
 
 #[tokio::test]
 async fn cache_rebuild_subcommand_writes_the_configmap_and_reports_counts() {
-    let api = FakeApi::start().await.unwrap();
+    let api = real_api().await;
     api.insert(deployment("prod", "api", &[&gar("app:v1"), "redis:7"]));
     api.insert(daemonset("ops", "agent", &[&gar("agent:v2")]));
     let dir = tempfile::tempdir().unwrap();
@@ -601,7 +645,7 @@ async fn cache_rebuild_subcommand_writes_the_configmap_and_reports_counts() {
 /// newer sharded set stays whole.
 #[tokio::test]
 async fn an_older_sharded_write_touches_no_shard_of_a_newer_set() {
-    let api = FakeApi::start().await.unwrap();
+    let api = real_api().await;
     let build = |n: usize, at: &str| {
         let entries = (0..n).map(|i| {
             (

@@ -91,8 +91,20 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A kubeconfig for the fake API that carries a bearer token, so the log can be checked for it.
-fn kubeconfig_with_token(h: &Harness) -> std::path::PathBuf {
+/// A kubeconfig that carries a bearer token, and the token, so the log can be checked for it:
+/// against the real API server the daemon's own service-account token, against the fake one
+/// a made-up token.
+fn kubeconfig_with_token(h: &Harness) -> (std::path::PathBuf, String) {
+    if let TestApi::Kube(_) = &h.api {
+        let path = h.dir.path().join("kubeconfig");
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("kubeconfig")).expect("json");
+        let token = config["users"][0]["user"]["token"]
+            .as_str()
+            .expect("a token")
+            .to_owned();
+        return (path, token);
+    }
     let path = h.dir.path().join("kubeconfig-token");
     let text = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\n\
@@ -101,15 +113,15 @@ fn kubeconfig_with_token(h: &Harness) -> std::path::PathBuf {
         url = h.api.url()
     );
     std::fs::write(&path, text).expect("kubeconfig");
-    path
+    (path, TOKEN.to_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_are_exported_over_otlp_and_logs_metrics_and_probes_are_operable() {
     let (collector, posts) = start_collector();
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
-    let kubeconfig = kubeconfig_with_token(&h);
+    let (kubeconfig, token) = kubeconfig_with_token(&h);
     h.extra_args = vec!["--log-format".into(), "json".into()];
     h.extra_env = vec![
         (
@@ -305,7 +317,7 @@ async fn spans_are_exported_over_otlp_and_logs_metrics_and_probes_are_operable()
     assert!(serving[0].get("trace_id").is_none(), "{}", serving[0]);
 
     // No credentials, whatever the level.
-    assert!(!log.contains(TOKEN), "token leaked:\n{log}");
+    assert!(!log.contains(&token), "token leaked:\n{log}");
     assert!(
         !log.to_ascii_lowercase().contains("bearer"),
         "bearer leaked:\n{log}"
@@ -318,7 +330,7 @@ async fn spans_are_exported_over_otlp_and_logs_metrics_and_probes_are_operable()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_ready_without_a_subscription_and_quiet_without_an_exporter() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     let missing = h.emulator.subscription("does-not-exist");
     h.extra_args = vec!["--subscription".into(), missing];
     // No exporter: the harness removes OTEL_EXPORTER_OTLP_ENDPOINT; clear the traces one too.

@@ -1,5 +1,5 @@
-//! "Never lose, never duplicate": fault tests against the real daemon binary, pstest and the
-//! fake Kubernetes API.
+//! "Never lose, never duplicate": fault tests against the real daemon binary, pstest and a
+//! real kube-apiserver, with the faults injected by the proxy in front of it.
 //!
 //! Every test asserts what an operator could observe: the PATCHes the API server accepted
 //! (filtered to workload PATCHes, since the daemon may also talk to its cache ConfigMap), the
@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use gar_testsupport::fake_api::{Fault, deployment};
+use gar_testsupport::fake_api::deployment;
+use gar_testsupport::traffic::Fault;
 use google_cloud_pubsub::model::Message;
 
 /// pstest redelivers an unacked message once its ack deadline (10 s at the least) has passed;
@@ -54,7 +55,7 @@ fn dead_letter_total(metrics: &str) -> f64 {
 async fn sigkill_during_a_stream_loses_no_event() {
     const WORKLOADS: usize = 20;
     const EVENTS: usize = 240;
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     for i in 0..WORKLOADS {
         h.api.insert(deployment(
             "prod",
@@ -146,7 +147,7 @@ async fn sigkill_during_a_stream_loses_no_event() {
 /// minutes a long extension would hold it for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_after_a_lease_extension_redelivers_within_seconds() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
     let api = deployment_path("prod", "api");
     // The first PATCH hangs, then fails (the client is gone by then anyway).
@@ -191,7 +192,7 @@ async fn sigkill_after_a_lease_extension_redelivers_within_seconds() {
 /// its budget and the redelivery succeeds, instead of holding the message for 20 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_beyond_the_budget_is_not_slept_on() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
     let api = deployment_path("prod", "api");
     h.api.add_fault(
@@ -226,7 +227,7 @@ async fn retry_after_beyond_the_budget_is_not_slept_on() {
 async fn flaky_api_completes_every_event_without_dead_letters() {
     const APPS: usize = 5;
     const EVENTS: usize = 30;
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     for i in 0..APPS {
         for ns in ["prod", "staging"] {
             h.api.insert(deployment(
@@ -292,7 +293,7 @@ async fn flaky_api_completes_every_event_without_dead_letters() {
 /// that workload and the status, and the other two are restarted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forbidden_workload_dead_letters_the_event_and_restarts_the_others() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     for name in ["a", "b", "c"] {
         h.api.insert(deployment("prod", name, &[&gar("app:v1")]));
     }
@@ -336,7 +337,7 @@ async fn forbidden_workload_dead_letters_the_event_and_restarts_the_others() {
 /// a tag-only event whose message id repeats one seen before the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emulator_restart_resumes_within_five_seconds() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     h.api.insert(deployment("prod", "web", &[&gar("web:v1")]));
     h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
     h.start_daemon().await;
@@ -403,7 +404,7 @@ async fn emulator_restart_resumes_within_five_seconds() {
 /// copies are in flight at once: exactly one PATCH per workload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_events_restart_each_workload_once() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
     h.api
         .insert(deployment("staging", "api", &[&gar("app:v1")]));
@@ -435,7 +436,7 @@ async fn duplicate_events_restart_each_workload_once() {
 /// reason naming the problem and the payload unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_are_dead_lettered_with_a_reason_per_class() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
     h.start_daemon().await;
     h.api.clear_requests();
@@ -520,7 +521,7 @@ async fn malformed_messages_are_dead_lettered_with_a_reason_per_class() {
 async fn sigterm_during_a_burst_exits_in_time_and_redelivers_the_rest() {
     const EVENTS: usize = 30;
     const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     for i in 0..EVENTS {
         h.api.insert(deployment(
             "prod",
@@ -597,7 +598,7 @@ async fn sigterm_during_a_burst_exits_in_time_and_redelivers_the_rest() {
 /// the failed workload again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivery_after_partial_success_patches_only_what_failed() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     for name in ["a", "b", "c"] {
         h.api.insert(deployment("prod", name, &[&gar("app:v1")]));
     }
@@ -651,7 +652,7 @@ async fn redelivery_after_partial_success_patches_only_what_failed() {
 /// delivery the message is dead-lettered as `exhausted` with the last error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn always_failing_workload_is_dead_lettered_as_exhausted() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
     h.api
         .add_fault(Fault::error(deployment_path("prod", "api"), 503).on_method("PATCH"));
@@ -701,7 +702,7 @@ async fn always_failing_workload_is_dead_lettered_as_exhausted() {
 async fn two_replicas_share_the_subscription_without_duplicates() {
     const APPS: usize = 10;
     const EVENTS: usize = 50;
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     for i in 0..APPS {
         for ns in ["prod", "staging"] {
             h.api.insert(deployment(

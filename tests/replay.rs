@@ -57,7 +57,7 @@ async fn replay(h: &Harness, topic: &str, extra: &[&str]) -> CommandOutput {
 /// the whole loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_filters_by_kind_dry_runs_and_closes_the_loop() {
-    let mut h = Harness::with_subscriptions(&[(TAP, TOPIC)]).await;
+    let mut h = Harness::real_with_subscriptions(&[(TAP, TOPIC)]).await;
     h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
     h.api.insert(deployment("prod", "gone", &[&gar("gone:v1")]));
     h.start_daemon().await;
@@ -154,7 +154,7 @@ async fn replay_filters_by_kind_dry_runs_and_closes_the_loop() {
 /// non-zero and every dead letter is still there afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_replay_keeps_every_dead_letter() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     h.start_daemon().await;
     for body in ["{not json", "[]"] {
         h.publish(body).await;

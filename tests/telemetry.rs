@@ -1,5 +1,5 @@
 //! Span tree of one delivery: a real message through the real pipeline and settle stage,
-//! against the fake API server, recorded by the SDK's in-memory exporter through a subscriber
+//! against a real kube-apiserver, recorded by the SDK's in-memory exporter through a subscriber
 //! built like `telemetry::init` (the OpenTelemetry layer filtered by `otel_targets()`).
 //!
 //! `tracing::subscriber::set_default` is per thread, so every test runs on a current-thread
@@ -23,7 +23,8 @@ use gar_restarter::settle::{AckHandle, Settled};
 use gar_restarter::source;
 use gar_restarter::telemetry::{TRACEPARENT_ATTRIBUTE, otel_targets};
 use gar_restarter::workload::{WorkloadKind, WorkloadRef};
-use gar_testsupport::fake_api::{FakeApi, deployment};
+use gar_testsupport::fake_api::deployment;
+use gar_testsupport::kube_api::KubeApi;
 use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use tokio_util::sync::CancellationToken;
@@ -66,16 +67,18 @@ struct Fixture {
     exporter: InMemorySpanExporter,
     provider: SdkTracerProvider,
     _subscriber: tracing::subscriber::DefaultGuard,
-    api: FakeApi,
+    api: std::sync::Arc<KubeApi>,
     pipeline: Pipeline<SharedIndex>,
     metrics: Arc<Metrics>,
     sink: MemorySink,
 }
 
 impl Fixture {
-    /// Fake API with two Deployments running `app:v1` (indexed) and one running `app:v0`.
+    /// A real API server with two Deployments running `app:v1` (indexed) and one running `app:v0`.
     async fn new() -> Fixture {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        // Set up before the recording subscriber: its own kube calls must not be recorded.
+        let api = KubeApi::start().await.expect("test control plane");
         let exporter = InMemorySpanExporter::default();
         let provider = SdkTracerProvider::builder()
             .with_simple_exporter(exporter.clone())
@@ -86,7 +89,6 @@ impl Fixture {
         let subscriber =
             tracing::subscriber::set_default(tracing_subscriber::registry().with(otel));
 
-        let api = FakeApi::start().await.expect("fake API");
         let v1 = gar("app:v1");
         api.insert(deployment("prod", "api", &[&v1]));
         api.insert(deployment("staging", "api", &[&v1]));
@@ -112,9 +114,7 @@ impl Fixture {
         );
 
         let metrics = Arc::new(Metrics::new());
-        let mut config = kube::Config::new(api.url().parse().expect("url"));
-        config.default_retry = false;
-        let client = kube::client::ClientBuilder::try_from(config)
+        let client = kube::client::ClientBuilder::try_from(api.daemon_config())
             .expect("client")
             .with_layer(&ApiMetricsLayer::new(metrics.clone()))
             .build();
@@ -391,7 +391,7 @@ async fn malformed_message_settles_as_dead_letter_with_its_reason() {
 async fn forbidden_restart_is_dead_lettered_and_counted_with_its_code() {
     let f = Fixture::new().await;
     f.api.add_fault(
-        gar_testsupport::fake_api::Fault::error("/namespaces/staging/", 403).on_method("PATCH"),
+        gar_testsupport::traffic::Fault::error("/namespaces/staging/", 403).on_method("PATCH"),
     );
     let (settled, _) = f
         .deliver(message("m-1", &insert_v1(), HashMap::new()))

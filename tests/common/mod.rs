@@ -97,6 +97,15 @@ impl Harness {
         Harness::with_api(TestApi::Kube(api), &[], None).await
     }
 
+    /// [`Harness::real`] plus extra `(subscription, topic)` pairs on the emulator.
+    pub async fn real_with_subscriptions(extra: &[(&str, &str)]) -> Harness {
+        init_crypto();
+        let api = KubeApi::start()
+            .await
+            .unwrap_or_else(|e| panic!("start the test control plane: {e}"));
+        Harness::with_api(TestApi::Kube(api), extra, None).await
+    }
+
     /// [`Harness::real`] with a Pub/Sub dead-letter policy of `max` delivery attempts on the
     /// subscription, so that Pub/Sub counts deliveries and sets `delivery_attempt`.
     pub async fn real_with_pubsub_dead_letter_policy(max: u32) -> Harness {

@@ -22,6 +22,8 @@ use crate::traffic::{Fault, RecordedRequest};
 /// overlay, and the proxy the daemon reaches it through.
 pub struct KubeApi {
     proxy: ApiProxy,
+    /// The daemon's service-account token (TokenRequest API).
+    daemon_token: String,
     _kubelet: Kubelet,
     grant: Grant,
     // Last: stops after everything that talks to it.
@@ -79,7 +81,7 @@ impl KubeApi {
         let proxy = ApiProxy::start(cluster.server(), cluster.ca_pem())
             .await
             .map_err(|e| ClusterError::Setup(e.to_string()))?;
-        let kubelet = Kubelet::start(cluster.admin_client()?, None).await?;
+        let kubelet = Kubelet::start(&cluster, None)?;
         cluster.create_namespace(rbac::DEPLOY_NAMESPACE).await?;
         // The manifests' own names and namespaces: this cluster is the test's alone.
         let placement = Placement {
@@ -102,8 +104,18 @@ impl KubeApi {
             cluster.create_namespace(&ns).await?;
         }
         grant.apply(&cluster)?;
+        let kubeconfig = cluster.dir().join("gar-restarter.kubeconfig");
+        let daemon_token = cluster
+            .service_account_kubeconfig(
+                rbac::DEPLOY_NAMESPACE,
+                rbac::DEPLOY_SERVICE_ACCOUNT,
+                &kubeconfig,
+                Some(&proxy.url()),
+            )
+            .await?;
         Ok(Arc::new(KubeApi {
             proxy,
+            daemon_token,
             _kubelet: kubelet,
             grant,
             cluster,
@@ -137,50 +149,98 @@ impl KubeApi {
 
     /// Writes a kubeconfig with the daemon's service-account identity, through the proxy.
     pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<()> {
-        let url = self.proxy.url();
-        let path = path.to_owned();
-        let cluster: &Cluster = &self.cluster;
-        // A scoped thread with its own runtime: callers may be inside a runtime already.
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(std::io::Error::other)?
-                    .block_on(cluster.service_account_kubeconfig(
-                        rbac::DEPLOY_NAMESPACE,
-                        rbac::DEPLOY_SERVICE_ACCOUNT,
-                        &path,
-                        Some(&url),
-                    ))
-                    .map(|_| ())
-                    .map_err(std::io::Error::other)
-            })
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("kubeconfig thread panicked")))
+        crate::cluster::kubeconfig::write(
+            path,
+            &self.proxy.url(),
+            self.cluster.ca_file(),
+            &format!(
+                "system:serviceaccount:{}:{}",
+                rbac::DEPLOY_NAMESPACE,
+                rbac::DEPLOY_SERVICE_ACCOUNT
+            ),
+            &self.daemon_token,
+        )
+        .map_err(std::io::Error::other)
+    }
+
+    /// A client with the daemon's identity, through the proxy (so its requests are recorded
+    /// and faults apply), with kube's retries off as in the daemon.
+    pub fn daemon_client(&self) -> Client {
+        Client::try_from(self.daemon_config()).unwrap_or_else(|e| panic!("daemon client: {e}"))
+    }
+
+    /// The client configuration behind [`KubeApi::daemon_client`], for callers that add
+    /// layers of their own.
+    pub fn daemon_config(&self) -> kube::Config {
+        let url = self
+            .proxy
+            .url()
+            .parse()
+            .unwrap_or_else(|e| panic!("proxy URL: {e}"));
+        let mut config = kube::Config::new(url);
+        config.auth_info.token = Some(self.daemon_token.clone().into());
+        config.default_retry = false;
+        config
+    }
+
+    /// Runs `f` with an admin client on a private runtime and waits for it. The client is
+    /// made inside that runtime: a kube client's request buffer is a task on the runtime
+    /// that built it, and the caller's runtime may be the very one this call blocks.
+    fn with_admin<F, Fut, T>(&self, f: F) -> T
+    where
+        F: FnOnce(Client) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T> + Send,
+        T: Send + 'static,
+    {
+        let (server, ca, token) = (
+            self.cluster.server().to_owned(),
+            self.cluster.ca_pem().to_owned(),
+            self.cluster.admin_token().to_owned(),
+        );
+        block_on(async move {
+            let client = crate::cluster::kubeconfig::client(&server, &ca, &token)
+                .unwrap_or_else(|e| panic!("admin client: {e}"));
+            f(client).await
         })
     }
 
-    fn dynamic(&self, resource_name: &str, ns: &str) -> Api<DynamicObject> {
-        Api::namespaced_with(self.admin(), ns, &resource(resource_name))
+    fn dynamic(client: Client, resource_name: &str, ns: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(client, ns, &resource(resource_name))
     }
 
-    /// Creates `obj` (its namespace too, if missing) with the admin identity.
-    pub fn insert(&self, obj: Value) {
+    /// Creates `obj` (its namespace too, if missing) with the admin identity. Fields the
+    /// server owns (resourceVersion, uid, status, …) are dropped first, so an object read
+    /// back earlier can be created again, as with the fake.
+    pub fn insert(&self, mut obj: Value) {
+        if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+            for owned in [
+                "resourceVersion",
+                "uid",
+                "creationTimestamp",
+                "generation",
+                "managedFields",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+            ] {
+                meta.remove(owned);
+            }
+        }
+        if let Some(o) = obj.as_object_mut() {
+            o.remove("status");
+        }
         let kind = obj["kind"].as_str().unwrap_or_default().to_owned();
         let ns = obj["metadata"]["namespace"]
             .as_str()
             .unwrap_or("default")
             .to_owned();
-        let api = self.dynamic(&kind, &ns);
         let name = obj["metadata"]["name"]
             .as_str()
             .unwrap_or_default()
             .to_owned();
         let object: DynamicObject = serde_json::from_value(obj)
             .unwrap_or_else(|e| panic!("KubeApi::insert: not an object: {e}"));
-        let client = self.admin();
-        let result = block_on(async move {
+        let result = self.with_admin(move |client| async move {
+            let api = Self::dynamic(client.clone(), &kind, &ns);
             let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
             let namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))
                 .map_err(|e| e.to_string())?;
@@ -201,20 +261,26 @@ impl KubeApi {
 
     /// The object as the API server has it now.
     pub fn get(&self, resource_name: &str, ns: &str, name: &str) -> Option<Value> {
-        let api = self.dynamic(resource_name, ns);
-        let name = name.to_owned();
-        block_on(async move { api.get_opt(&name).await })
-            .unwrap_or_else(|e| panic!("KubeApi::get {resource_name} {ns}: {e}"))
-            .map(|o| serde_json::to_value(o).unwrap_or_default())
+        let (kind, namespace, name) = (resource_name.to_owned(), ns.to_owned(), name.to_owned());
+        self.with_admin(move |client| async move {
+            Self::dynamic(client, &kind, &namespace)
+                .get_opt(&name)
+                .await
+        })
+        .unwrap_or_else(|e| panic!("KubeApi::get {resource_name} {ns}: {e}"))
+        .map(|o| serde_json::to_value(o).unwrap_or_default())
     }
 
     /// Deletes the object (foreground, at once) and returns what it was.
     pub fn remove(&self, resource_name: &str, ns: &str, name: &str) -> Option<Value> {
         let old = self.get(resource_name, ns, name)?;
-        let api = self.dynamic(resource_name, ns);
-        let name = name.to_owned();
-        block_on(async move { api.delete(&name, &DeleteParams::default()).await })
-            .unwrap_or_else(|e| panic!("KubeApi::remove {resource_name} {ns}: {e}"));
+        let (kind, namespace, name) = (resource_name.to_owned(), ns.to_owned(), name.to_owned());
+        self.with_admin(move |client| async move {
+            Self::dynamic(client, &kind, &namespace)
+                .delete(&name, &DeleteParams::default())
+                .await
+        })
+        .unwrap_or_else(|e| panic!("KubeApi::remove {resource_name} {ns}: {e}"));
         Some(old)
     }
 
@@ -228,12 +294,15 @@ impl KubeApi {
     ) -> Option<Value> {
         let mut object = self.get(resource_name, ns, name)?;
         f(&mut object);
-        let api = self.dynamic(resource_name, ns);
-        let name = name.to_owned();
+        let (kind, namespace, name) = (resource_name.to_owned(), ns.to_owned(), name.to_owned());
         let object: DynamicObject = serde_json::from_value(object).ok()?;
-        let updated =
-            block_on(async move { api.replace(&name, &PostParams::default(), &object).await })
-                .unwrap_or_else(|e| panic!("KubeApi::modify {resource_name} {ns}: {e}"));
+        let updated = self
+            .with_admin(move |client| async move {
+                Self::dynamic(client, &kind, &namespace)
+                    .replace(&name, &PostParams::default(), &object)
+                    .await
+            })
+            .unwrap_or_else(|e| panic!("KubeApi::modify {resource_name} {ns}: {e}"));
         serde_json::to_value(updated).ok()
     }
 

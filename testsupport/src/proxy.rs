@@ -68,7 +68,7 @@ impl std::fmt::Debug for ApiProxy {
 
 impl ApiProxy {
     /// Starts a proxy on a free loopback port for `upstream` (`https://HOST:PORT`), whose
-    /// certificate is verified against `ca_pem`. Needs a Tokio runtime.
+    /// certificate is verified against `ca_pem`.
     pub async fn start(upstream: &str, ca_pem: &str) -> Result<ApiProxy, ProxyError> {
         let uri: http::Uri = upstream
             .parse()
@@ -92,10 +92,15 @@ impl ApiProxy {
             .enable_http1()
             .build();
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
+        // The proxy runs on a runtime of its own, on its own thread: a test may block its
+        // own runtime (a synchronous wait for a subprocess that talks through the proxy)
+        // and must not starve the proxy by doing so.
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0")
             .map_err(|e| ProxyError::Setup(format!("cannot bind a loopback port: {e}")))?;
-        let addr = listener
+        std_listener
+            .set_nonblocking(true)
+            .map_err(|e| ProxyError::Setup(e.to_string()))?;
+        let addr = std_listener
             .local_addr()
             .map_err(|e| ProxyError::Setup(e.to_string()))?;
         let shared = Arc::new(Shared {
@@ -104,7 +109,25 @@ impl ApiProxy {
             state: Mutex::new(State::default()),
         });
         let (tx, rx) = watch::channel(false);
-        tokio::spawn(serve(listener, shared.clone(), rx));
+        let served = shared.clone();
+        std::thread::Builder::new()
+            .name("gar-api-proxy".into())
+            .spawn(move || {
+                let Ok(runtime) = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                runtime.block_on(async move {
+                    let Ok(listener) = TcpListener::from_std(std_listener) else {
+                        return;
+                    };
+                    serve(listener, served, rx).await;
+                });
+            })
+            .map_err(|e| ProxyError::Setup(format!("cannot start the proxy thread: {e}")))?;
         Ok(ApiProxy {
             addr,
             shared,

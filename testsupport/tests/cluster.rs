@@ -45,9 +45,7 @@ async fn a_real_control_plane_rolls_out_enforces_rbac_and_stops_cleanly() {
     let ns = "smoke";
     cluster.create_namespace(ns).await.expect("namespace");
     let admin = cluster.admin_client().expect("client");
-    let _kubelet = Kubelet::start(admin.clone(), Some(ns))
-        .await
-        .expect("kubelet");
+    let _kubelet = Kubelet::start(&cluster, Some(ns)).expect("kubelet");
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), ns);
     deployments
         .create(&PostParams::default(), &deployment("web", "example/web:v1"))

@@ -1,6 +1,7 @@
 //! Developer tasks for gar-restarter, run as `cargo xtask <task>` (alias in .cargo/config.toml).
 
 mod bench;
+mod cluster;
 mod demo;
 mod emulator;
 mod test;
@@ -20,7 +21,10 @@ tasks:
              latency, throughput, API calls per event, RSS, start-up time, binary size
              (see `cargo xtask bench --help` and BENCHMARKS.md)
   emulator   the pstest Pub/Sub emulator in the foreground, set up for config/local.toml
-             (see `cargo xtask emulator --help`)";
+             (see `cargo xtask emulator --help`)
+  cluster    a real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager)
+             in the foreground, with the daemon's RBAC and kubeconfigs
+             (see `cargo xtask cluster --help`)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -30,6 +34,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::run(rest),
         Some("demo") => demo::run(rest),
         Some("emulator") => emulator::run(rest),
+        Some("cluster") => cluster::run(rest),
         None | Some("help" | "-h" | "--help") => {
             println!("{HELP}");
             Ok(())

@@ -19,33 +19,74 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-use super::ClusterError;
+use super::{Cluster, ClusterError, kubeconfig};
 
 /// The one node every pod is bound to.
 pub const NODE: &str = "gar-test-node";
 
-/// Runs until dropped.
+/// Runs until dropped, on a thread and runtime of its own, so that a test blocking its own
+/// runtime does not stop pods from becoming Ready.
 #[derive(Debug)]
 pub struct Kubelet {
     held: Arc<Mutex<HashSet<String>>>,
-    task: tokio::task::JoinHandle<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Kubelet {
     /// Makes sure the fake node exists and is Ready, then starts serving the pods of
     /// `namespace` (`None`: of every namespace).
-    pub async fn start(
-        client: kube::Client,
-        namespace: Option<&str>,
-    ) -> Result<Kubelet, ClusterError> {
-        ensure_node(&client).await?;
+    pub fn start(cluster: &Cluster, namespace: Option<&str>) -> Result<Kubelet, ClusterError> {
+        let (server, ca, token) = (
+            cluster.server().to_owned(),
+            cluster.ca_pem().to_owned(),
+            cluster.admin_token().to_owned(),
+        );
+        let namespace = namespace.map(str::to_owned);
         let held = Arc::new(Mutex::new(HashSet::new()));
-        let pods: Api<Pod> = match namespace {
-            Some(ns) => Api::namespaced(client, ns),
-            None => Api::all(client),
-        };
-        let task = tokio::spawn(run(pods, held.clone()));
-        Ok(Kubelet { held, task })
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let looped = held.clone();
+        std::thread::Builder::new()
+            .name("gar-test-kubelet".into())
+            .spawn(move || {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                runtime.block_on(async move {
+                    // The client is made here: its request buffer runs on this runtime.
+                    let client = match kubeconfig::client(&server, &ca, &token) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    if let Err(e) = ensure_node(&client).await {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                    let _ = ready_tx.send(Ok(()));
+                    let pods: Api<Pod> = match namespace {
+                        Some(ns) => Api::namespaced(client, &ns),
+                        None => Api::all(client),
+                    };
+                    tokio::select! {
+                        _ = run(pods, looped) => {}
+                        _ = stopped => {}
+                    }
+                });
+            })
+            .map_err(|e| ClusterError::Setup(format!("cannot start the kubelet thread: {e}")))?;
+        ready_rx
+            .recv()
+            .map_err(|_| ClusterError::Setup("the kubelet thread ended at start".into()))??;
+        Ok(Kubelet {
+            held,
+            stop: Some(stop),
+        })
     }
 
     /// Pods whose containers run `image` (exactly) stay unready from now on.
@@ -59,7 +100,9 @@ impl Kubelet {
 
 impl Drop for Kubelet {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }
 

@@ -198,6 +198,11 @@ impl Cluster {
         &self.pki.ca_pem
     }
 
+    /// The CA file kubeconfigs of this cluster point at.
+    pub fn ca_file(&self) -> &Path {
+        &self.pki.ca_file
+    }
+
     pub fn admin_token(&self) -> &str {
         &self.admin_token
     }
@@ -331,8 +336,16 @@ impl Cluster {
     /// Waits until the controller-manager runs: its serviceaccount controller creates
     /// `default/default`.
     fn wait_controllers(&self) -> Result<(), ClusterError> {
-        let client = self.admin_client()?;
+        let (server, ca, token) = (
+            self.server.clone(),
+            self.pki.ca_pem.clone(),
+            self.admin_token.clone(),
+        );
+        // The client is made inside the runtime that drives it (its buffer is a task there).
         let ok = block_on(async move {
+            let Ok(client) = kubeconfig::client(&server, &ca, &token) else {
+                return false;
+            };
             let api: Api<ServiceAccount> = Api::namespaced(client, "default");
             let deadline = Instant::now() + START_TIMEOUT;
             while Instant::now() < deadline {
@@ -502,11 +515,11 @@ fn wait_api_ready(
     ca_pem: &str,
     token: &str,
 ) -> Result<(), ClusterError> {
-    let client = kubeconfig::client(server, ca_pem, token)?;
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        let probe = client.clone();
+        let (server, ca, token) = (server.to_owned(), ca_pem.to_owned(), token.to_owned());
         let ready = block_on(async move {
+            let probe = kubeconfig::client(&server, &ca, &token).map_err(|e| e.to_string())?;
             let req = http::Request::get("/readyz")
                 .body(Vec::new())
                 .map_err(|e| e.to_string())?;
