@@ -17,7 +17,7 @@ use gar_restarter::index::{Index, Scope};
 use gar_restarter::lookup::{Lookup, LookupSource};
 use gar_restarter::metrics::Metrics;
 use gar_restarter::workload::{WorkloadKind, WorkloadRef};
-use gar_testsupport::fake_api::{configmap, daemonset, deployment, statefulset};
+use gar_testsupport::objects::{configmap, daemonset, deployment, statefulset};
 
 const CM_NS: &str = "gar-restarter";
 const CM_NAME: &str = "gar-restarter-cache";
@@ -32,24 +32,15 @@ fn cm_target() -> ObjectName {
 /// A control plane of the test's own, with the daemon's RBAC from deploy/base.
 async fn real_api() -> TestApi {
     init_crypto();
-    TestApi::Kube(
-        gar_testsupport::kube_api::KubeApi::start()
-            .await
-            .unwrap_or_else(|e| panic!("start the test control plane: {e}")),
-    )
+    gar_testsupport::kube_api::KubeApi::start()
+        .await
+        .unwrap_or_else(|e| panic!("start the test control plane: {e}"))
 }
 
 /// A client with the daemon's identity and kube's retries off, as the daemon builds it.
 fn client(api: &TestApi) -> kube::Client {
     init_crypto();
-    match api {
-        TestApi::Kube(api) => api.daemon_client(),
-        TestApi::Fake(api) => {
-            let mut config = kube::Config::new(api.url().parse().unwrap());
-            config.default_retry = false;
-            kube::Client::try_from(config).unwrap()
-        }
-    }
+    api.daemon_client()
 }
 
 fn chain(api: &TestApi, cache_dir: &std::path::Path, min_rebuild: Duration) -> CacheChain {
@@ -316,7 +307,7 @@ async fn twenty_thousand_workloads_round_trip_through_configmaps() {
     // The real API server refuses a ConfigMap over 1 MiB, which is why the index is
     // compressed and, past that, sharded.
     let too_big = "x".repeat(1_100_000);
-    let admin = api.kube().admin();
+    let admin = api.admin();
     let configmaps: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
         kube::Api::namespaced(admin, CM_NS);
     let oversized: k8s_openapi::api::core::v1::ConfigMap =
@@ -432,7 +423,7 @@ async fn racing_rebuilds_converge_through_409() {
 /// live; a corrupt swap leaves the previous index in use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mounted_index_is_served_and_swapped_live_without_api_calls() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
     h.api
         .insert(deployment("prod", "worker", &[&gar("worker:v1")]));
@@ -502,7 +493,7 @@ async fn mounted_index_is_served_and_swapped_live_without_api_calls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_and_check_work_from_the_mount_with_the_api_unreachable() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     kubelet_swap(&h.cache_dir(), 1, &index_json(&[("nginx", "web", "front")]));
     // KUBECONFIG pointing at a closed port.
     let closed = format!("http://127.0.0.1:{}", free_port());
@@ -563,7 +554,7 @@ async fn daemon_and_check_work_from_the_mount_with_the_api_unreachable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statefulsets_and_daemonsets_are_restarted_and_opt_outs_are_not() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::real().await;
     h.api.insert(statefulset("data", "db", &[&gar("db:v3")]));
     h.api
         .insert(daemonset("kube-system", "agent", &[&gar("agent:v9")]));

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use gar_testsupport::fake_api::deployment;
+use gar_testsupport::objects::deployment;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
@@ -19,7 +19,6 @@ use serde_json::Value;
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";
-const TOKEN: &str = "s3cr3t-test-token-0123456789";
 
 /// One request the fake collector received.
 #[derive(Debug, Clone)]
@@ -91,29 +90,17 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A kubeconfig that carries a bearer token, and the token, so the log can be checked for it:
-/// against the real API server the daemon's own service-account token, against the fake one
-/// a made-up token.
+/// The daemon's kubeconfig and the service-account token in it, so that the log can be
+/// checked for the token.
 fn kubeconfig_with_token(h: &Harness) -> (std::path::PathBuf, String) {
-    if let TestApi::Kube(_) = &h.api {
-        let path = h.dir.path().join("kubeconfig");
-        let config: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&path).expect("kubeconfig")).expect("json");
-        let token = config["users"][0]["user"]["token"]
-            .as_str()
-            .expect("a token")
-            .to_owned();
-        return (path, token);
-    }
-    let path = h.dir.path().join("kubeconfig-token");
-    let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\n\
-         contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\n\
-         current-context: fake\nusers:\n- name: fake\n  user:\n    token: {TOKEN}\n",
-        url = h.api.url()
-    );
-    std::fs::write(&path, text).expect("kubeconfig");
-    (path, TOKEN.to_owned())
+    let path = h.dir.path().join("kubeconfig");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("kubeconfig")).expect("json");
+    let token = config["users"][0]["user"]["token"]
+        .as_str()
+        .expect("a token")
+        .to_owned();
+    (path, token)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use gar_testsupport::fake_api::deployment;
+use gar_testsupport::objects::deployment;
 use gar_testsupport::traffic::Fault;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use gar_testsupport::cluster::kubeconfig;
 use gar_testsupport::cluster::rbac::{Grant, RuleRef};
-use gar_testsupport::fake_api::{daemonset, deployment, statefulset};
+use gar_testsupport::objects::{daemonset, deployment, statefulset};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Patch, PatchParams};
 
@@ -111,7 +111,7 @@ fn expectation(grant: &Grant, rule: &RuleRef) -> (&'static str, &'static str, bo
 async fn each_rule_taken_away_is_a_clear_403() {
     let rules = {
         let probe = Harness::real().await;
-        let grant = probe.api.kube().grant().clone();
+        let grant = probe.api.grant().clone();
         let rules = grant.rules();
         assert_eq!(
             rules.len(),
@@ -222,12 +222,11 @@ async fn the_namespaced_role_cannot_restart_outside_its_namespace() {
     let path = h.dir.path().join("direct.kubeconfig");
     let token = h
         .api
-        .kube()
         .cluster()
         .service_account_kubeconfig("gar-restarter", "gar-restarter", &path, None)
         .await
         .expect("token");
-    let cluster = h.api.kube().cluster();
+    let cluster = h.api.cluster();
     let client = kubeconfig::client(cluster.server(), cluster.ca_pem(), &token).expect("client");
     let patch = serde_json::json!({"spec": {"template": {"metadata": {"annotations": {
         "kubectl.kubernetes.io/restartedAt": "2026-12-02T00:00:00Z"}}}}});

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use gar_testsupport::fake_api::deployment;
+use gar_testsupport::objects::deployment;
 use gar_testsupport::traffic::Fault;
 use google_cloud_pubsub::model::Message;
 

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
-use gar_testsupport::fake_api::deployment;
+use gar_testsupport::objects::deployment;
 
 /// A second subscription on the GAR topic: sees exactly what a replay publishes there.
 const TAP: &str = "gcr-tap";

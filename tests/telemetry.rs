@@ -6,7 +6,7 @@
 //! runtime (`#[tokio::test]`'s default).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -23,8 +23,8 @@ use gar_restarter::settle::{AckHandle, Settled};
 use gar_restarter::source;
 use gar_restarter::telemetry::{TRACEPARENT_ATTRIBUTE, otel_targets};
 use gar_restarter::workload::{WorkloadKind, WorkloadRef};
-use gar_testsupport::fake_api::deployment;
 use gar_testsupport::kube_api::KubeApi;
+use gar_testsupport::objects::deployment;
 use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use tokio_util::sync::CancellationToken;
@@ -77,6 +77,7 @@ impl Fixture {
     /// A real API server with two Deployments running `app:v1` (indexed) and one running `app:v0`.
     async fn new() -> Fixture {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        keep_a_second_dispatch_alive();
         // Set up before the recording subscriber: its own kube calls must not be recorded.
         let api = KubeApi::start().await.expect("test control plane");
         let exporter = InMemorySpanExporter::default();
@@ -170,6 +171,18 @@ impl Fixture {
         self.provider.force_flush().expect("flush");
         self.exporter.get_finished_spans().expect("spans")
     }
+}
+
+/// While exactly one tracing `Dispatch` exists, tracing-core computes a callsite's interest
+/// from the default of whichever thread registers the callsite first (tokio-rs/tracing#3611).
+/// Here that thread can be the control plane's kubelet or proxy, which run kube's client
+/// with no subscriber: kube's per-request span callsite would then be cached as "never" and
+/// the test's subscriber would not see it. A second live `Dispatch` makes tracing-core ask
+/// every registered subscriber instead. The daemon installs one global subscriber and is not
+/// affected.
+fn keep_a_second_dispatch_alive() {
+    static SECOND: OnceLock<tracing::Dispatch> = OnceLock::new();
+    SECOND.get_or_init(|| tracing::Dispatch::new(tracing_subscriber::registry()));
 }
 
 fn message(id: &str, data: &str, attributes: HashMap<String, String>) -> Inbound {

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use gar_testsupport::fake_api::deployment;
+use gar_testsupport::objects::deployment;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insert_restarts_exactly_the_deployments_running_the_tag() {

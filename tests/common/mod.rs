@@ -13,7 +13,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use gar_testsupport::emulator::Emulator;
-use gar_testsupport::fake_api::FakeApi;
 use gar_testsupport::kube_api::KubeApi;
 
 pub use backend::TestApi;
@@ -71,14 +70,10 @@ pub struct Harness {
 }
 
 impl Harness {
-    /// Starts the emulator (topic `gcr`, dead-letter topic and their subscriptions) and the
-    /// fake API server. The daemon is started separately so tests can seed objects first.
-    pub async fn new() -> Harness {
-        Harness::with_subscriptions(&[]).await
-    }
-
-    /// Like [`Harness::new`], against a real control plane of the test's own, with the
-    /// daemon running as `gar-restarter/gar-restarter` under the RBAC of `deploy/base`.
+    /// Starts the emulator (topic `gcr`, the dead-letter topic and their subscriptions) and a
+    /// real control plane of the test's own, with the daemon running as
+    /// `gar-restarter/gar-restarter` under the RBAC of `deploy/base`. The daemon is started
+    /// separately, so that tests can seed objects first.
     pub async fn real() -> Harness {
         Harness::real_with("base", |g| g).await
     }
@@ -94,7 +89,7 @@ impl Harness {
         let api = KubeApi::start_with(overlay, edit)
             .await
             .unwrap_or_else(|e| panic!("start the test control plane: {e}"));
-        Harness::with_api(TestApi::Kube(api), &[], None).await
+        Harness::with_api(api, &[], None).await
     }
 
     /// [`Harness::real`] plus extra `(subscription, topic)` pairs on the emulator.
@@ -103,7 +98,7 @@ impl Harness {
         let api = KubeApi::start()
             .await
             .unwrap_or_else(|e| panic!("start the test control plane: {e}"));
-        Harness::with_api(TestApi::Kube(api), extra, None).await
+        Harness::with_api(api, extra, None).await
     }
 
     /// [`Harness::real`] with a Pub/Sub dead-letter policy of `max` delivery attempts on the
@@ -113,7 +108,7 @@ impl Harness {
         let api = KubeApi::start()
             .await
             .unwrap_or_else(|e| panic!("start the test control plane: {e}"));
-        Harness::with_api(TestApi::Kube(api), &[], Some(max)).await
+        Harness::with_api(api, &[], Some(max)).await
     }
 
     pub fn subscription(&self) -> String {
@@ -378,14 +373,14 @@ pub fn deployment_path(ns: &str, name: &str) -> String {
 }
 
 /// The `gar-restarter/digest` annotation a recorded PATCH carried, if any.
-pub fn patch_digest(req: &gar_testsupport::fake_api::RecordedRequest) -> Option<String> {
+pub fn patch_digest(req: &gar_testsupport::traffic::RecordedRequest) -> Option<String> {
     req.body.as_ref()?["spec"]["template"]["metadata"]["annotations"]["gar-restarter/digest"]
         .as_str()
         .map(str::to_string)
 }
 
 /// PATCHes to workloads (not to the cache ConfigMap or anything else), all statuses.
-pub fn workload_patches(api: &TestApi) -> Vec<gar_testsupport::fake_api::RecordedRequest> {
+pub fn workload_patches(api: &TestApi) -> Vec<gar_testsupport::traffic::RecordedRequest> {
     api.patches()
         .into_iter()
         .filter(|p| {
@@ -409,7 +404,7 @@ pub fn accepted_patches(api: &TestApi) -> Vec<(String, Option<String>)> {
 }
 
 /// Workload PATCHes to `path`, all statuses.
-pub fn patches_to(api: &TestApi, path: &str) -> Vec<gar_testsupport::fake_api::RecordedRequest> {
+pub fn patches_to(api: &TestApi, path: &str) -> Vec<gar_testsupport::traffic::RecordedRequest> {
     workload_patches(api)
         .into_iter()
         .filter(|p| p.path == path)
@@ -507,13 +502,6 @@ pub struct CommandOutput {
 }
 
 impl Harness {
-    /// Like [`Harness::new`], plus extra `(subscription, topic)` pairs on the emulator, e.g. a
-    /// tap on the GAR topic to observe what is published there.
-    pub async fn with_subscriptions(extra: &[(&str, &str)]) -> Harness {
-        let api = FakeApi::start().await.expect("start fake API");
-        Harness::with_api(TestApi::Fake(api), extra, None).await
-    }
-
     async fn with_api(
         api: TestApi,
         extra: &[(&str, &str)],

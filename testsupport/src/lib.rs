@@ -9,5 +9,6 @@ pub mod fixtures;
 pub mod gotool;
 pub mod http;
 pub mod kube_api;
+pub mod objects;
 pub mod proxy;
 pub mod traffic;
