@@ -302,14 +302,7 @@ async fn forbidden_workload_dead_letters_the_event_and_restarts_the_others() {
     h.start_daemon().await;
     let id = h.publish(&insert("app:v1", HEX_A)).await;
 
-    let letters = h.dead_letters(1, Duration::from_secs(20)).await;
-    assert_eq!(letters.len(), 1, "{}", h.daemon_log());
-    let dl = &letters[0];
-    assert_eq!(dl.attributes["dlq_kind"], "permanent");
-    assert_eq!(dl.attributes["dlq_original_message_id"], id);
-    let reason = &dl.attributes["dlq_reason"];
-    assert!(reason.contains("Deployment prod/b"), "{reason}");
-    assert!(reason.contains("403"), "{reason}");
+    let reason = h.permanent_dead_letter(&id, "Deployment prod/b", 403).await;
     assert!(
         !reason.contains("prod/a") && !reason.contains("prod/c"),
         "{reason}"

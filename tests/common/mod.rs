@@ -258,6 +258,21 @@ impl Harness {
     }
 
     /// Pulls from the dead-letter subscription until `n` messages arrived or `timeout`.
+    /// Waits for the one dead letter of message `id`, checks that it is permanent and that
+    /// its reason names `workload` (e.g. `Deployment prod/web`) and the HTTP `code`, and
+    /// returns the reason.
+    pub async fn permanent_dead_letter(&self, id: &str, workload: &str, code: u16) -> String {
+        let letters = self.dead_letters(1, Duration::from_secs(20)).await;
+        assert_eq!(letters.len(), 1, "{}", self.daemon_log());
+        let dl = &letters[0];
+        assert_eq!(dl.attributes["dlq_kind"], "permanent");
+        assert_eq!(dl.attributes["dlq_original_message_id"], id);
+        let reason = dl.attributes["dlq_reason"].clone();
+        assert!(reason.contains(workload), "{reason}");
+        assert!(reason.contains(&code.to_string()), "{reason}");
+        reason
+    }
+
     pub async fn dead_letters(&self, n: usize, timeout: Duration) -> Vec<Message> {
         pull(
             &self.emulator.endpoint(),

@@ -162,7 +162,7 @@ pub use crate::traffic::{Fault, RecordedRequest};
 // Errors and replies
 // ---------------------------------------------------------------------------------------------
 
-use crate::traffic::reason_for;
+use crate::traffic::{RequestLog, reason_for};
 
 /// An error answered as a `metav1.Status` body.
 #[derive(Debug, Clone)]
@@ -1149,7 +1149,7 @@ struct State {
     objects: BTreeMap<ObjectKey, Value>,
     /// Last resourceVersion handed out (global across all resources, like etcd's revision).
     resource_version: u64,
-    requests: Vec<RecordedRequest>,
+    requests: RequestLog,
     faults: Vec<Fault>,
 }
 
@@ -2079,7 +2079,7 @@ impl FakeApi {
 
     /// Every request answered so far, in the order they were answered.
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.state().requests.clone()
+        self.state().requests.all()
     }
 
     pub fn clear_requests(&self) {
@@ -2088,21 +2088,12 @@ impl FakeApi {
 
     /// Requests with this method (case-insensitive) whose path starts with `path_prefix`.
     pub fn requests_matching(&self, method: &str, path_prefix: &str) -> Vec<RecordedRequest> {
-        self.state()
-            .requests
-            .iter()
-            .filter(|r| r.method.eq_ignore_ascii_case(method) && r.path.starts_with(path_prefix))
-            .cloned()
-            .collect()
+        self.state().requests.matching(method, path_prefix)
     }
 
     /// Number of requests with this method whose path starts with `path_prefix`.
     pub fn count(&self, method: &str, path_prefix: &str) -> usize {
-        self.state()
-            .requests
-            .iter()
-            .filter(|r| r.method.eq_ignore_ascii_case(method) && r.path.starts_with(path_prefix))
-            .count()
+        self.state().requests.matching(method, path_prefix).len()
     }
 
     /// All PATCH requests, including failed and fault-injected ones.

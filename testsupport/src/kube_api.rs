@@ -75,6 +75,7 @@ impl KubeApi {
         overlay: &str,
         edit: impl FnOnce(Grant) -> Grant,
     ) -> Result<Arc<KubeApi>, ClusterError> {
+        let started = std::time::Instant::now();
         let cluster = tokio::task::spawn_blocking(Cluster::start)
             .await
             .map_err(|e| ClusterError::Setup(format!("cluster start task: {e}")))??;
@@ -89,10 +90,12 @@ impl KubeApi {
             apps_namespace: rbac::DEPLOY_APPS_NAMESPACE.into(),
             suffix: String::new(),
         };
+        let cluster_ready = started.elapsed();
         let grant = {
             let cluster = &cluster;
             edit(Grant::render(cluster, overlay, &placement)?)
         };
+        let rendered = started.elapsed();
         // The namespaces the manifests put Roles and RoleBindings in must exist first.
         let namespaces: std::collections::BTreeSet<String> = grant
             .objects
@@ -113,6 +116,11 @@ impl KubeApi {
                 Some(&proxy.url()),
             )
             .await?;
+        eprintln!(
+            "gar-testsupport: API for the daemon ready in {:.1?} (cluster {cluster_ready:.1?}, \
+             RBAC of deploy/{overlay} rendered at {rendered:.1?})",
+            started.elapsed()
+        );
         Ok(Arc::new(KubeApi {
             proxy,
             daemon_token,

@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::traffic::{self, Fault, RecordedRequest};
+use crate::traffic::{self, Fault, RecordedRequest, RequestLog};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -40,7 +40,7 @@ pub enum ProxyError {
 
 #[derive(Default)]
 struct State {
-    requests: Vec<RecordedRequest>,
+    requests: RequestLog,
     faults: Vec<Fault>,
 }
 
@@ -150,7 +150,7 @@ impl ApiProxy {
 
     /// Every request so far, in the order they were answered.
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.state().requests.clone()
+        self.state().requests.all()
     }
 
     pub fn clear_requests(&self) {
@@ -159,12 +159,7 @@ impl ApiProxy {
 
     /// Requests with this method (case-insensitive) whose path starts with `path_prefix`.
     pub fn requests_matching(&self, method: &str, path_prefix: &str) -> Vec<RecordedRequest> {
-        self.state()
-            .requests
-            .iter()
-            .filter(|r| r.method.eq_ignore_ascii_case(method) && r.path.starts_with(path_prefix))
-            .cloned()
-            .collect()
+        self.state().requests.matching(method, path_prefix)
     }
 
     pub fn patches(&self) -> Vec<RecordedRequest> {

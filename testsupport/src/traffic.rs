@@ -36,6 +36,34 @@ impl RecordedRequest {
     }
 }
 
+/// The requests a server answered, in order: what the proxy and the fake API server record,
+/// and what tests assert on.
+#[derive(Debug, Default)]
+pub struct RequestLog(Vec<RecordedRequest>);
+
+impl RequestLog {
+    pub fn push(&mut self, request: RecordedRequest) {
+        self.0.push(request);
+    }
+
+    pub fn all(&self) -> Vec<RecordedRequest> {
+        self.0.clone()
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// Requests with this method (case-insensitive) whose path starts with `path_prefix`.
+    pub fn matching(&self, method: &str, path_prefix: &str) -> Vec<RecordedRequest> {
+        self.0
+            .iter()
+            .filter(|r| r.method.eq_ignore_ascii_case(method) && r.path.starts_with(path_prefix))
+            .cloned()
+            .collect()
+    }
+}
+
 /// A failure and/or delay injected on requests whose path contains `path_contains`.
 ///
 /// Build one with a struct literal plus `..Default::default()` (the default fires always,

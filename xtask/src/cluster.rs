@@ -28,18 +28,8 @@ struct Args {
 }
 
 pub fn run(args: &[String]) -> Result<()> {
-    let argv = std::iter::once("cluster".to_owned()).chain(args.iter().cloned());
-    let args = match Args::try_parse_from(argv) {
-        Ok(args) => args,
-        // --help prints to stdout and is not an error; a bad flag is, with clap's message.
-        Err(e) if !e.use_stderr() => {
-            e.print()?;
-            return Ok(());
-        }
-        Err(e) => {
-            e.print()?;
-            anyhow::bail!("bad arguments for `cargo xtask cluster`");
-        }
+    let Some(args) = crate::util::parse_args::<Args>("cluster", args)? else {
+        return Ok(());
     };
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let runtime = tokio::runtime::Runtime::new().context("starting a Tokio runtime")?;

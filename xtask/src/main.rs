@@ -4,6 +4,7 @@ mod bench;
 mod cluster;
 mod demo;
 mod emulator;
+mod publish;
 mod test;
 mod util;
 
@@ -24,7 +25,9 @@ tasks:
              (see `cargo xtask emulator --help`)
   cluster    a real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager)
              in the foreground, with the daemon's RBAC and kubeconfigs
-             (see `cargo xtask cluster --help`)";
+             (see `cargo xtask cluster --help`)
+  publish    publish one GAR notification (--tag IMAGE:TAG) to the emulator's gcr topic
+             (see `cargo xtask publish --help`)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::run(rest),
         Some("demo") => demo::run(rest),
         Some("emulator") => emulator::run(rest),
+        Some("publish") => publish::run(rest),
         Some("cluster") => cluster::run(rest),
         None | Some("help" | "-h" | "--help") => {
             println!("{HELP}");

@@ -69,9 +69,12 @@ pub enum ClusterError {
 /// A running control plane. Dropping it stops every process and removes its files.
 #[derive(Debug)]
 pub struct Cluster {
-    etcd: Mutex<Process>,
-    apiserver: Mutex<Process>,
+    // Dropped in declaration order, clients before servers: the controller manager, then
+    // the API server, then etcd. The other way round each one would spend its SIGTERM grace
+    // retrying a server that is already gone.
     controllers: Mutex<Process>,
+    apiserver: Mutex<Process>,
+    etcd: Mutex<Process>,
     apiserver_args: Vec<String>,
     server: String,
     admin_token: String,
