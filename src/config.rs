@@ -207,6 +207,22 @@ pub struct RunArgs {
     #[arg(long, env = "GAR_RESTARTER_SHUTDOWN_TIMEOUT", value_name = "DURATION",
           default_value = "20s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// `/healthz` fails once the message loop has not run for this long (it beats several
+    /// times per timeout from every wait), so the kubelet replaces a wedged pod. At least 1s.
+    #[arg(long, env = "GAR_RESTARTER_LIVENESS_TIMEOUT", value_name = "DURATION",
+          default_value = "60s", value_parser = parse_liveness_timeout)]
+    pub liveness_timeout: Duration,
+}
+
+fn parse_liveness_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!(
+            "{s:?} is shorter than 1s; a probe needs several beats of slack"
+        ));
+    }
+    Ok(d)
 }
 
 /// The streaming pull's flow control, as the SDK's builder takes it.

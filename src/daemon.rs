@@ -9,13 +9,14 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::{CacheChain, ChainConfig, ChainError};
 use crate::cluster::{self, ClusterError};
 use crate::config::{RunArgs, ScopeArgs};
+use crate::health::Health;
 use crate::index::Scope;
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::pubsub::{self, PubSubDeadLetters, PubSubError};
 use crate::restart::{Restarter, RetryPolicy};
 use crate::server::{self, BindError};
-use crate::source::{self, Health, SourceConfig};
+use crate::source::{self, SourceConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -53,7 +54,7 @@ pub fn chain_config(args: &ScopeArgs) -> ChainConfig {
 /// Runs until SIGTERM/SIGINT, then drains and returns.
 pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::new(args.liveness_timeout));
     let addr = server::spawn(
         args.metrics_addr,
         metrics.clone(),

@@ -15,6 +15,7 @@ pub mod deadletter;
 pub mod dedupe;
 pub mod event;
 pub mod excerpt;
+pub mod health;
 pub mod image;
 pub mod index;
 mod json;

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::State;
@@ -10,8 +11,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
+use crate::health::{Health, Liveness};
 use crate::metrics::Metrics;
-use crate::source::Health;
 
 #[derive(Clone)]
 struct AppState {
@@ -42,7 +43,7 @@ pub async fn spawn(
         .map_err(|source| BindError { addr, source })?;
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(live_handler))
         .route("/readyz", get(ready_handler))
         .with_state(AppState { metrics, health });
     tokio::spawn(async move {
@@ -67,18 +68,33 @@ async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn ready_handler(State(state): State<AppState>) -> impl IntoResponse {
-    let stream = state
-        .health
-        .stream_connected
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let index = state
-        .health
-        .index_loaded
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let body = format!("stream_connected={stream} index_loaded={index}\n");
-    if stream && index {
-        (StatusCode::OK, body)
+    let health = &state.health;
+    let body = format!(
+        "stream_connected={} index_loaded={}\n",
+        health.stream_connected.load(Ordering::Relaxed),
+        health.index_loaded.load(Ordering::Relaxed)
+    );
+    let status = if health.ready() {
+        StatusCode::OK
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, body)
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, body)
+}
+
+async fn live_handler(State(state): State<AppState>) -> impl IntoResponse {
+    match state.health.liveness() {
+        Liveness::Starting => (StatusCode::OK, "ok: starting\n".to_owned()),
+        Liveness::Alive { .. } => (StatusCode::OK, "ok\n".to_owned()),
+        Liveness::Wedged { since } => {
+            tracing::error!(
+                since_s = since.as_secs(),
+                "liveness failing: the message loop has not run for longer than --liveness-timeout"
+            );
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("message loop last ran {}s ago\n", since.as_secs()),
+            )
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! concurrency, and draining cleanly on shutdown.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -17,23 +17,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field};
 
 use crate::deadletter::DeadLetterSink;
+use crate::health::Health;
 use crate::lookup::Lookup;
 use crate::metrics::Metrics;
 use crate::pipeline::{Inbound, Pipeline};
 use crate::settle::{AckHandle, Settled, settle};
-
-/// What `/readyz` reports.
-#[derive(Debug, Default)]
-pub struct Health {
-    pub stream_connected: AtomicBool,
-    pub index_loaded: AtomicBool,
-}
-
-impl Health {
-    pub fn ready(&self) -> bool {
-        self.stream_connected.load(Ordering::Relaxed) && self.index_loaded.load(Ordering::Relaxed)
-    }
-}
 
 /// A stream that has not failed within this long after opening is considered connected; an
 /// idle but healthy subscription delivers nothing, so there is no positive signal to wait for.
@@ -88,14 +76,23 @@ pub async fn run<L: Lookup, D: DeadLetterSink>(
     let subscription = Arc::new(config.subscription.clone());
     let mut backoff = reconnect_backoff();
     let mut first = true;
+    // Liveness: beaten from every wait below, so it stops only if this loop stops being
+    // polled (see health.rs).
+    let mut heartbeat = tokio::time::interval(health.beat_interval());
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     'outer: while !shutdown.is_cancelled() {
         if !first {
             metrics.stream_reconnects.inc();
             let delay = backoff.next().unwrap_or(Duration::from_secs(30));
             tracing::info!(subscription = %subscription, ?delay, "re-creating the streaming pull");
-            tokio::select! {
-                _ = shutdown.cancelled() => break 'outer,
-                _ = tokio::time::sleep(delay) => {}
+            let sleep = tokio::time::sleep(delay);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'outer,
+                    _ = heartbeat.tick() => health.beat(),
+                    _ = &mut sleep => break,
+                }
             }
         }
         first = false;
@@ -129,6 +126,7 @@ pub async fn run<L: Lookup, D: DeadLetterSink>(
                             mark_connected(&health, &subscription);
                             backoff = reconnect_backoff();
                         }
+                        _ = heartbeat.tick() => health.beat(),
                         next = &mut next => break Some(next),
                     }
                 }
@@ -145,13 +143,20 @@ pub async fn run<L: Lookup, D: DeadLetterSink>(
                         mark_connected(&health, &subscription);
                         backoff = reconnect_backoff();
                     }
-                    let permit = tokio::select! {
-                        p = permits.clone().acquire_owned() => p,
-                        _ = shutdown.cancelled() => {
-                            handler.nack();
-                            drain(&mut tasks, &abort, config.shutdown_timeout).await;
-                            flush(stream, &token).await;
-                            break 'outer;
+                    // Waiting for a permit is waiting on the work in flight, which is
+                    // bounded by the retry budget: the loop is busy, not wedged.
+                    let acquire = permits.clone().acquire_owned();
+                    tokio::pin!(acquire);
+                    let permit = loop {
+                        tokio::select! {
+                            p = &mut acquire => break p,
+                            _ = heartbeat.tick() => health.beat(),
+                            _ = shutdown.cancelled() => {
+                                handler.nack();
+                                drain(&mut tasks, &abort, config.shutdown_timeout).await;
+                                flush(stream, &token).await;
+                                break 'outer;
+                            }
                         }
                     };
                     let Ok(permit) = permit else { break 'outer };

@@ -319,7 +319,11 @@ async fn spans_are_exported_over_otlp_and_logs_metrics_and_probes_are_operable()
 async fn not_ready_without_a_subscription_and_quiet_without_an_exporter() {
     let mut h = Harness::real().await;
     let missing = h.emulator.subscription("does-not-exist");
-    h.extra_args = vec!["--subscription".into(), missing];
+    // A 1 s liveness timeout: the message loop must beat through every reconnect back-off
+    // of the 6 s watched below, or /healthz would fail.
+    h.extra_args = ["--subscription", &missing, "--liveness-timeout", "1s"]
+        .map(String::from)
+        .to_vec();
     // No exporter: the harness removes OTEL_EXPORTER_OTLP_ENDPOINT; clear the traces one too.
     h.extra_env = vec![("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT".into(), String::new())];
     h.daemon = Some(h.daemon_command().spawn().expect("spawn gar-restarter"));
@@ -348,8 +352,8 @@ async fn not_ready_without_a_subscription_and_quiet_without_an_exporter() {
         let (status, _, body) = get(h.metrics_addr, "/readyz").expect("/readyz");
         assert_eq!(status, 503, "{body}\n{}", h.daemon_log());
         assert!(body.contains("stream_connected=false"), "{body}");
-        let (status, _, _) = get(h.metrics_addr, "/healthz").expect("/healthz");
-        assert_eq!(status, 200);
+        let (status, _, body) = get(h.metrics_addr, "/healthz").expect("/healthz");
+        assert_eq!((status, body.as_str()), (200, "ok\n"), "{}", h.daemon_log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let metrics = h.metrics();
