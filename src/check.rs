@@ -70,7 +70,13 @@ pub async fn check(args: &CheckArgs) -> Result<CheckReport, CheckError> {
             .cache_configmap_for_write()
             .map_err(CheckError::Usage)?;
     }
-    let client = crate::cluster::client().await?;
+    // Without --rebuild the mount may answer alone, so a missing kubeconfig is only an error
+    // once the API is needed (issue #14 item 9).
+    let client = if args.rebuild {
+        crate::cluster::client().await?
+    } else {
+        crate::cluster::client_or_unconfigured().await
+    };
     let chain = CacheChain::new(client, config, Arc::new(Metrics::new()));
     let origin = if args.rebuild {
         chain.rebuild_and_store().await?;

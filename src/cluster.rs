@@ -65,6 +65,43 @@ pub async fn client_with_metrics(
         .build())
 }
 
+/// [`client`] for a command that may not need the API at all (`check` answering from the
+/// mounted index): when no Kubernetes config can be inferred, it still returns a client,
+/// and every request that client sends fails with the reason the config could not be made.
+/// The mount is read first, so it can answer; an API call still names what is missing.
+pub async fn client_or_unconfigured() -> Client {
+    match client().await {
+        Ok(client) => client,
+        Err(e) => Client::new(Unconfigured(e.to_string().into()), "default"),
+    }
+}
+
+/// The transport of [`client_or_unconfigured`] when there is no cluster to talk to.
+#[derive(Clone)]
+struct Unconfigured(std::sync::Arc<str>);
+
+impl tower_service::Service<http::Request<kube::client::Body>> for Unconfigured {
+    type Response = http::Response<kube::client::Body>;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
+        std::future::ready(Err(std::io::Error::other(format!(
+            "{} {}: {}",
+            req.method(),
+            req.uri().path(),
+            self.0
+        ))))
+    }
+}
+
 /// Whether retrying can help.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {

@@ -208,3 +208,38 @@ fn writing_the_cache_off_cluster_without_a_configmap_is_a_usage_error() {
         assert!(err.contains("--cache-configmap"), "{args:?}: {err}");
     }
 }
+
+/// Issue #14 item 9: with no kubeconfig and no cluster, `check` answers from the mounted
+/// index (exit 0); without a mount it fails with exit 1, naming the missing configuration.
+#[test]
+fn check_without_a_kubeconfig_answers_from_the_mount() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("cache.json"),
+        r#"{"images":{"docker.io/library/nginx:latest":[{"name":"web","namespace":"prod"}]}}"#,
+    )
+    .unwrap();
+    let check = |cache_dir: &std::path::Path| {
+        run(bin()
+            .env("KUBECONFIG", "/nonexistent/kubeconfig")
+            .args(["check", "--image", "nginx", "--cache-dir"])
+            .arg(cache_dir))
+    };
+    let out = check(dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["source"], "mount");
+    assert_eq!(
+        report["workloads"],
+        serde_json::json!([{"kind": "Deployment", "namespace": "prod", "name": "web"}])
+    );
+
+    let empty = tempfile::tempdir().unwrap();
+    let out = check(empty.path());
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot configure the Kubernetes client"),
+        "{err}"
+    );
+}
