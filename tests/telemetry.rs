@@ -25,6 +25,7 @@ use gar_restarter::telemetry::{TRACEPARENT_ATTRIBUTE, otel_targets};
 use gar_restarter::workload::{WorkloadKind, WorkloadRef};
 use gar_testsupport::kube_api::KubeApi;
 use gar_testsupport::objects::deployment;
+use gar_testsupport::traffic::Recording;
 use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use tokio_util::sync::CancellationToken;

@@ -16,6 +16,7 @@ use gar_testsupport::emulator::Emulator;
 use gar_testsupport::kube_api::KubeApi;
 
 pub use backend::TestApi;
+pub use gar_testsupport::traffic::Recording;
 use google_cloud_pubsub::client::{BasePublisher, Publisher, Subscriber};
 use google_cloud_pubsub::model::Message;
 use serde_json::Value;

@@ -156,7 +156,7 @@ fn resource_for_name_or_panic(resource: &str) -> &'static ResourceType {
 pub use crate::objects::{
     RESTARTED_AT_ANNOTATION, configmap, daemonset, deployment, restarted_at, statefulset,
 };
-pub use crate::traffic::{Fault, RecordedRequest};
+pub use crate::traffic::{Fault, RecordedRequest, Recording};
 
 // ---------------------------------------------------------------------------------------------
 // Errors and replies
@@ -2077,30 +2077,6 @@ impl FakeApi {
         self.state().resource_version
     }
 
-    /// Every request answered so far, in the order they were answered.
-    pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.state().requests.all()
-    }
-
-    pub fn clear_requests(&self) {
-        self.state().requests.clear();
-    }
-
-    /// Requests with this method (case-insensitive) whose path starts with `path_prefix`.
-    pub fn requests_matching(&self, method: &str, path_prefix: &str) -> Vec<RecordedRequest> {
-        self.state().requests.matching(method, path_prefix)
-    }
-
-    /// Number of requests with this method whose path starts with `path_prefix`.
-    pub fn count(&self, method: &str, path_prefix: &str) -> usize {
-        self.state().requests.matching(method, path_prefix).len()
-    }
-
-    /// All PATCH requests, including failed and fault-injected ones.
-    pub fn patches(&self) -> Vec<RecordedRequest> {
-        self.requests_matching("PATCH", "")
-    }
-
     /// Adds a fault rule; rules are evaluated in insertion order (see [`Fault`]).
     pub fn add_fault(&self, fault: Fault) {
         self.state().faults.push(fault);
@@ -2113,6 +2089,12 @@ impl FakeApi {
     /// Stops accepting connections and closes open ones. Stored state stays inspectable.
     pub fn stop(&self) {
         self.inner.shutdown.send_replace(true);
+    }
+}
+
+impl Recording for FakeApi {
+    fn with_log<R>(&self, f: impl FnOnce(&mut RequestLog) -> R) -> R {
+        f(&mut self.state().requests)
     }
 }
 

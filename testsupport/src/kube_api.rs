@@ -15,7 +15,7 @@ use crate::cluster::kubelet::Kubelet;
 use crate::cluster::rbac::{self, Grant, Placement};
 use crate::cluster::{Cluster, ClusterError, block_on};
 use crate::proxy::ApiProxy;
-use crate::traffic::{Fault, RecordedRequest};
+use crate::traffic::{Fault, Recording, RequestLog};
 
 /// One control plane of its own (so tests can change RBAC and namespaces freely), the
 /// daemon's service account `gar-restarter/gar-restarter` bound by the rules of a `deploy/`
@@ -314,31 +314,18 @@ impl KubeApi {
         serde_json::to_value(updated).ok()
     }
 
-    pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.proxy.requests()
-    }
-
-    pub fn clear_requests(&self) {
-        self.proxy.clear_requests()
-    }
-
-    pub fn requests_matching(&self, method: &str, path_prefix: &str) -> Vec<RecordedRequest> {
-        self.proxy.requests_matching(method, path_prefix)
-    }
-
-    pub fn count(&self, method: &str, path_prefix: &str) -> usize {
-        self.requests_matching(method, path_prefix).len()
-    }
-
-    pub fn patches(&self) -> Vec<RecordedRequest> {
-        self.proxy.patches()
-    }
-
     pub fn add_fault(&self, fault: Fault) {
         self.proxy.add_fault(fault)
     }
 
     pub fn clear_faults(&self) {
         self.proxy.clear_faults()
+    }
+}
+
+/// The daemon's API traffic, as the proxy in front of the API server recorded it.
+impl Recording for KubeApi {
+    fn with_log<R>(&self, f: impl FnOnce(&mut RequestLog) -> R) -> R {
+        self.proxy.with_log(f)
     }
 }

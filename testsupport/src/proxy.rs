@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::traffic::{self, Fault, RecordedRequest, RequestLog};
+use crate::traffic::{self, Fault, RecordedRequest, Recording, RequestLog};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -146,24 +146,6 @@ impl ApiProxy {
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Every request so far, in the order they were answered.
-    pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.state().requests.all()
-    }
-
-    pub fn clear_requests(&self) {
-        self.state().requests.clear();
-    }
-
-    /// Requests with this method (case-insensitive) whose path starts with `path_prefix`.
-    pub fn requests_matching(&self, method: &str, path_prefix: &str) -> Vec<RecordedRequest> {
-        self.state().requests.matching(method, path_prefix)
-    }
-
-    pub fn patches(&self) -> Vec<RecordedRequest> {
-        self.requests_matching("PATCH", "")
     }
 
     /// Adds a fault rule; rules are evaluated in insertion order.
@@ -339,5 +321,11 @@ impl Shared {
                 status_response(502, None, format!("proxy: upstream failed: {e}"))
             }
         })
+    }
+}
+
+impl Recording for ApiProxy {
+    fn with_log<R>(&self, f: impl FnOnce(&mut RequestLog) -> R) -> R {
+        f(&mut self.state().requests)
     }
 }

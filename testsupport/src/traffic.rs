@@ -64,6 +64,37 @@ impl RequestLog {
     }
 }
 
+/// What a recording server offers tests: the proxy in front of the real API server, and the
+/// fake API server. Implementors say where their [`RequestLog`] is; the rest comes with it.
+pub trait Recording {
+    /// Runs `f` on the log, under whatever lock guards it.
+    fn with_log<R>(&self, f: impl FnOnce(&mut RequestLog) -> R) -> R;
+
+    /// Every request so far, in the order they were answered.
+    fn requests(&self) -> Vec<RecordedRequest> {
+        self.with_log(|log| log.all())
+    }
+
+    fn clear_requests(&self) {
+        self.with_log(RequestLog::clear)
+    }
+
+    /// Requests with this method (case-insensitive) whose path starts with `path_prefix`.
+    fn requests_matching(&self, method: &str, path_prefix: &str) -> Vec<RecordedRequest> {
+        self.with_log(|log| log.matching(method, path_prefix))
+    }
+
+    /// Number of requests with this method whose path starts with `path_prefix`.
+    fn count(&self, method: &str, path_prefix: &str) -> usize {
+        self.requests_matching(method, path_prefix).len()
+    }
+
+    /// All PATCH requests, including failed and fault-injected ones.
+    fn patches(&self) -> Vec<RecordedRequest> {
+        self.requests_matching("PATCH", "")
+    }
+}
+
 /// A failure and/or delay injected on requests whose path contains `path_contains`.
 ///
 /// Build one with a struct literal plus `..Default::default()` (the default fires always,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use gar_testsupport::emulator::Emulator;
-use gar_testsupport::fake_api::{FakeApi, daemonset, deployment, statefulset};
+use gar_testsupport::fake_api::{FakeApi, Recording, daemonset, deployment, statefulset};
 use gar_testsupport::fixtures;
 use google_cloud_pubsub::client::BasePublisher;
 use google_cloud_pubsub::model::Message;

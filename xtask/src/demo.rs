@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use gar_testsupport::emulator::{self, Emulator};
-use gar_testsupport::fake_api::{self, FakeApi};
+use gar_testsupport::fake_api::{self, FakeApi, Recording};
 use google_cloud_pubsub::client::{BasePublisher, Subscriber};
 use google_cloud_pubsub::model::Message;
 use serde_json::{Value, json};
