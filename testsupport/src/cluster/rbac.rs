@@ -7,6 +7,8 @@
 //! (`apps` in the namespaced overlay) becomes the test's workload namespace, and
 //! cluster-scoped names get the test's suffix.
 
+use std::path::Path;
+
 use serde_json::Value;
 
 use super::{Cluster, ClusterError};
@@ -48,26 +50,8 @@ impl Grant {
         placement: &Placement,
     ) -> Result<Grant, ClusterError> {
         let dir = crate::gotool::repo_root().join("deploy").join(overlay);
-        let dir = dir.to_string_lossy().into_owned();
-        let yaml = cluster.kubectl_output(&["kustomize", &dir], None)?;
-        // kubectl turns the YAML stream into a stream of JSON objects, so no YAML parser is
-        // needed here.
-        let json = cluster.kubectl_output(
-            &["create", "--dry-run=client", "-o", "json", "-f", "-"],
-            Some(&yaml),
-        )?;
-        let mut items = Vec::new();
-        for parsed in serde_json::Deserializer::from_slice(&json).into_iter::<Value>() {
-            let parsed = parsed.map_err(|e| {
-                ClusterError::Setup(format!("kubectl printed no JSON for {dir}: {e}"))
-            })?;
-            match parsed["kind"].as_str() {
-                Some("List") => {
-                    items.extend(parsed["items"].as_array().cloned().unwrap_or_default())
-                }
-                _ => items.push(parsed),
-            }
-        }
+        let items = kustomize(cluster, &dir)?;
+        let dir = dir.display();
         let objects: Vec<Value> = items
             .into_iter()
             .filter(|o| o["kind"].as_str().is_some_and(|k| RBAC_KINDS.contains(&k)))
@@ -138,6 +122,43 @@ impl Grant {
     }
 }
 
+/// Every object `kubectl kustomize DIR` renders, as JSON, with the kubectl of the cluster's
+/// release. Public for `tests/install.rs`, which sends whole renders to the API server.
+pub fn kustomize(cluster: &Cluster, dir: &Path) -> Result<Vec<Value>, ClusterError> {
+    let dir = dir.to_string_lossy().into_owned();
+    let yaml = cluster.kubectl_output(&["kustomize", &dir], None)?;
+    objects(cluster, &yaml, &dir)
+}
+
+/// The objects of a YAML stream (a kustomize or `helm template` render) as JSON, `what`
+/// naming the render in errors. kubectl turns the stream into JSON objects, so no YAML
+/// parser is needed; its client-side dry run maps each kind through discovery, so the
+/// cluster must know every kind (CRDs included). Fields the server owns that the dry run
+/// may print (`creationTimestamp: null`, ...) are dropped, so the objects can be applied.
+pub fn objects(cluster: &Cluster, yaml: &[u8], what: &str) -> Result<Vec<Value>, ClusterError> {
+    let json = cluster.kubectl_output(
+        &["create", "--dry-run=client", "-o", "json", "-f", "-"],
+        Some(yaml),
+    )?;
+    let mut items = Vec::new();
+    for parsed in serde_json::Deserializer::from_slice(&json).into_iter::<Value>() {
+        let parsed = parsed
+            .map_err(|e| ClusterError::Setup(format!("kubectl printed no JSON for {what}: {e}")))?;
+        match parsed["kind"].as_str() {
+            Some("List") => items.extend(parsed["items"].as_array().cloned().unwrap_or_default()),
+            _ => items.push(parsed),
+        }
+    }
+    for object in &mut items {
+        if let Some(meta) = object["metadata"].as_object_mut() {
+            meta.remove("creationTimestamp");
+            meta.remove("resourceVersion");
+            meta.remove("uid");
+        }
+    }
+    Ok(items)
+}
+
 fn rename_namespace(value: &mut Value, placement: &Placement) {
     let replacement = match value.as_str() {
         Some(DEPLOY_NAMESPACE) => placement.system_namespace.clone(),
@@ -181,12 +202,6 @@ fn place(mut object: Value, placement: &Placement) -> Value {
                 rename_namespace(ns, placement);
             }
         }
-    }
-    // Server-side apply owns these; a dry-run render may carry them.
-    if let Some(meta) = object["metadata"].as_object_mut() {
-        meta.remove("creationTimestamp");
-        meta.remove("resourceVersion");
-        meta.remove("uid");
     }
     object
 }
