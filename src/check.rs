@@ -62,6 +62,8 @@ impl CheckError {
 pub async fn check(args: &CheckArgs) -> Result<CheckReport, CheckError> {
     let image = ImageRef::parse(&args.image)?;
     let mut config = crate::daemon::chain_config(&args.scope);
+    // Without --rebuild, `check` only reads: a start-up rebuild answers but is not stored.
+    config.store_rebuilds = false;
     if args.rebuild {
         // `--rebuild` writes the ConfigMap too: resolved before any API call, so that an
         // off-cluster run without --cache-configmap stops instead of writing to `default`.

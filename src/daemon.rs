@@ -48,6 +48,7 @@ pub fn chain_config(args: &ScopeArgs) -> ChainConfig {
         scope: scope(args),
         min_rebuild_interval: args.min_rebuild_interval,
         refresh_interval: args.refresh_interval,
+        store_rebuilds: true,
     }
 }
 

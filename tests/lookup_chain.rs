@@ -52,6 +52,7 @@ fn chain(api: &TestApi, cache_dir: &std::path::Path, min_rebuild: Duration) -> C
             scope: Scope::default(),
             min_rebuild_interval: min_rebuild,
             refresh_interval: Duration::from_secs(3600),
+            store_rebuilds: true,
         },
         Arc::new(Metrics::new()),
     )

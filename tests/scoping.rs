@@ -103,9 +103,9 @@ fn workloads(report: &Value) -> Vec<String> {
     names
 }
 
-/// `check` with the daemon's identity: the first run finds no ConfigMap and rebuilds (and
-/// stores) the index, the second reads it back from the API, `--rebuild` scans again, and a
-/// scope narrows the answer.
+/// `check` with the daemon's identity: the first run finds no ConfigMap and answers from a
+/// scan without storing it (a plain `check` only reads), `--rebuild` scans and stores, the
+/// next plain run reads the stored index back from the API, and a scope narrows the answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_answers_from_a_rebuild_then_from_the_stored_index() {
     let h = Harness::real().await;
@@ -130,20 +130,21 @@ async fn check_answers_from_a_rebuild_then_from_the_stored_index() {
     assert_eq!(first["source"], "rebuild", "{first}");
     assert_eq!(first["image"], image);
     assert_eq!(workloads(&first), expected);
-    assert!(
+    let stored = || {
         h.api
             .get("configmaps", "gar-restarter", "gar-restarter-cache")
-            .is_some(),
-        "the rebuilt index is stored"
-    );
-
-    let second = run(&[]).await.expect("join");
-    assert_eq!(second["source"], "api", "{second}");
-    assert_eq!(workloads(&second), expected);
+            .is_some()
+    };
+    assert!(!stored(), "a plain check wrote the cache ConfigMap");
 
     let rebuilt = run(&["--rebuild"]).await.expect("join");
     assert_eq!(rebuilt["source"], "rebuild", "{rebuilt}");
     assert_eq!(workloads(&rebuilt), expected);
+    assert!(stored(), "check --rebuild stores the index");
+
+    let second = run(&[]).await.expect("join");
+    assert_eq!(second["source"], "api", "{second}");
+    assert_eq!(workloads(&second), expected);
 
     let scoped = run(&["--rebuild", "--namespace", "ops"])
         .await

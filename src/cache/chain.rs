@@ -70,6 +70,10 @@ pub struct ChainConfig {
     pub scope: Scope,
     pub min_rebuild_interval: Duration,
     pub refresh_interval: Duration,
+    /// Whether a rebuild is stored in the ConfigMap (in the background). The daemon does;
+    /// a read-only `check` does not, so that it has no side effect that depends on how long
+    /// the process lives.
+    pub store_rebuilds: bool,
 }
 
 /// Negative-cache entries kept at most; beyond that, misses rely on the interval check.
@@ -299,8 +303,10 @@ impl CacheChain {
         );
         self.swap(index, Origin::Rebuild);
         self.clear_negative();
-        let this = self.clone();
-        tokio::spawn(async move { this.write_current().await });
+        if self.inner.config.store_rebuilds {
+            let this = self.clone();
+            tokio::spawn(async move { this.write_current().await });
+        }
         Ok(())
     }
 
