@@ -41,6 +41,18 @@ fn closed_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// A directory laid out like the mounted cache ConfigMap, indexing `nginx` → Deployment
+/// prod/web.
+fn mounted_nginx_index() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("cache.json"),
+        r#"{"images":{"docker.io/library/nginx:latest":[{"name":"web","namespace":"prod"}]}}"#,
+    )
+    .unwrap();
+    dir
+}
+
 #[test]
 fn dlq_replay_against_an_unreachable_endpoint_fails_with_exit_1() {
     let out = run(bin()
@@ -121,12 +133,7 @@ fn an_invalid_otlp_protocol_is_refused_naming_the_variable() {
 #[test]
 fn a_closed_stdout_is_not_a_panic() {
     // `check` answers from a mounted index; the kubeconfig's server is never contacted.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("cache.json"),
-        r#"{"images":{"docker.io/library/nginx:latest":[{"name":"web","namespace":"prod"}]}}"#,
-    )
-    .unwrap();
+    let dir = mounted_nginx_index();
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(
         &kubeconfig,
@@ -213,12 +220,7 @@ fn writing_the_cache_off_cluster_without_a_configmap_is_a_usage_error() {
 /// index (exit 0); without a mount it fails with exit 1, naming the missing configuration.
 #[test]
 fn check_without_a_kubeconfig_answers_from_the_mount() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("cache.json"),
-        r#"{"images":{"docker.io/library/nginx:latest":[{"name":"web","namespace":"prod"}]}}"#,
-    )
-    .unwrap();
+    let dir = mounted_nginx_index();
     let check = |cache_dir: &std::path::Path| {
         run(bin()
             .env("KUBECONFIG", "/nonexistent/kubeconfig")

@@ -100,6 +100,39 @@ fn describe(o: &Value) -> String {
     )
 }
 
+/// What the render tests sent to the API server: one line per refused object
+/// (`render: kind ns/name: message`) and the kinds that were sent.
+#[derive(Default)]
+struct DryRuns {
+    refused: Vec<String>,
+    kinds: BTreeSet<String>,
+}
+
+impl DryRuns {
+    /// Applies every object of `render` with server-side dry-run as admin.
+    async fn apply(&mut self, cluster: &Cluster, client: &Client, render: &str, objects: &[Value]) {
+        let (refused, kinds) = dry_run_apply(cluster, client, render, objects).await;
+        self.refused.extend(refused);
+        self.kinds.extend(kinds);
+    }
+
+    /// Every object was accepted, and each of `kinds` was among them.
+    fn assert_accepted(&self, kinds: &[&str]) {
+        assert_eq!(
+            self.refused,
+            Vec::<String>::new(),
+            "objects the API server refused"
+        );
+        for kind in kinds {
+            assert!(
+                self.kinds.contains(*kind),
+                "no {kind} was sent: {:?}",
+                self.kinds
+            );
+        }
+    }
+}
+
 /// Applies every object of `render` with server-side dry-run as admin, after creating the
 /// namespaces they live in, and returns one line per object the server refused
 /// (`render: kind ns/name: message`) and the kinds that were sent.
@@ -109,16 +142,10 @@ async fn dry_run_apply(
     render: &str,
     objects: &[Value],
 ) -> (Vec<String>, BTreeSet<String>) {
-    let namespaces: BTreeSet<&str> = objects
-        .iter()
-        .filter_map(|o| o.pointer("/metadata/namespace").and_then(Value::as_str))
-        .collect();
-    for ns in namespaces {
-        cluster
-            .create_namespace(ns)
-            .await
-            .unwrap_or_else(|e| panic!("{render}: {e}"));
-    }
+    cluster
+        .create_namespaces_of(objects)
+        .await
+        .unwrap_or_else(|e| panic!("{render}: {e}"));
     let mut resources: HashMap<String, (ApiResource, bool)> = HashMap::new();
     let mut refused = Vec::new();
     let mut kinds = BTreeSet::new();
@@ -219,28 +246,20 @@ async fn every_kustomize_render_passes_server_side_dry_run() {
     ));
     assert!(renders.len() >= 5, "{renders:?}");
 
-    let mut refused = Vec::new();
-    let mut kinds = BTreeSet::new();
+    let mut sent = DryRuns::default();
     let started = Instant::now();
     for (render, dir) in &renders {
         let objects =
             rbac::kustomize(cluster, dir).unwrap_or_else(|e| panic!("render {render}: {e}"));
         assert!(objects.len() >= 5, "{render}: {} objects", objects.len());
-        let (r, k) = dry_run_apply(cluster, &client, render, &objects).await;
-        refused.extend(r);
-        kinds.extend(k);
+        sent.apply(cluster, &client, render, &objects).await;
     }
     eprintln!(
         "{} kustomize renders dry-run applied in {:.1?}",
         renders.len(),
         started.elapsed()
     );
-    assert_eq!(
-        refused,
-        Vec::<String>::new(),
-        "objects the API server refused"
-    );
-    for kind in [
+    sent.assert_accepted(&[
         "Namespace",
         "Deployment",
         "ClusterRole",
@@ -250,9 +269,7 @@ async fn every_kustomize_render_passes_server_side_dry_run() {
         "NetworkPolicy",
         "ServiceMonitor",
         "PodMonitor",
-    ] {
-        assert!(kinds.contains(kind), "no {kind} was sent: {kinds:?}");
-    }
+    ]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,8 +291,7 @@ async fn every_helm_render_passes_server_side_dry_run() {
     values.sort();
     assert!(values.len() >= 4, "ci values: {values:?}");
 
-    let mut refused = Vec::new();
-    let mut kinds = BTreeSet::new();
+    let mut sent = DryRuns::default();
     for v in &values {
         let ns = HELM_NAMESPACES
             .iter()
@@ -298,23 +314,14 @@ async fn every_helm_render_passes_server_side_dry_run() {
         let objects = rbac::objects(cluster, &out.stdout, &render)
             .unwrap_or_else(|e| panic!("{render}: {e}"));
         assert!(objects.len() >= 5, "{render}: {} objects", objects.len());
-        let (r, k) = dry_run_apply(cluster, &client, &render, &objects).await;
-        refused.extend(r);
-        kinds.extend(k);
+        sent.apply(cluster, &client, &render, &objects).await;
     }
-    assert_eq!(
-        refused,
-        Vec::<String>::new(),
-        "objects the API server refused"
-    );
-    for kind in [
+    sent.assert_accepted(&[
         "Deployment",
         "ValidatingAdmissionPolicy",
         "NetworkPolicy",
         "ServiceMonitor",
-    ] {
-        assert!(kinds.contains(kind), "no {kind} was sent: {kinds:?}");
-    }
+    ]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ use kube::{Api, Client};
 use serde_json::Value;
 
 use crate::cluster::kubelet::Kubelet;
-use crate::cluster::rbac::{self, Grant, Placement};
+use crate::cluster::rbac::{self, Grant};
 use crate::cluster::{Cluster, ClusterError, block_on};
 use crate::proxy::ApiProxy;
 use crate::traffic::{Fault, Recording, RequestLog};
@@ -83,42 +83,15 @@ impl KubeApi {
             .await
             .map_err(|e| ClusterError::Setup(e.to_string()))?;
         let kubelet = Kubelet::start(&cluster, None)?;
-        cluster.create_namespace(rbac::DEPLOY_NAMESPACE).await?;
-        // The manifests' own names and namespaces: this cluster is the test's alone.
-        let placement = Placement {
-            system_namespace: rbac::DEPLOY_NAMESPACE.into(),
-            apps_namespace: rbac::DEPLOY_APPS_NAMESPACE.into(),
-            suffix: String::new(),
-        };
         let cluster_ready = started.elapsed();
-        let grant = {
-            let cluster = &cluster;
-            edit(Grant::render(cluster, overlay, &placement)?)
-        };
-        let rendered = started.elapsed();
-        // The namespaces the manifests put Roles and RoleBindings in must exist first.
-        let namespaces: std::collections::BTreeSet<String> = grant
-            .objects
-            .iter()
-            .filter_map(|o| o.pointer("/metadata/namespace").and_then(Value::as_str))
-            .map(str::to_owned)
-            .collect();
-        for ns in namespaces {
-            cluster.create_namespace(&ns).await?;
-        }
-        grant.apply(&cluster)?;
+        // The manifests' own names and namespaces: this cluster is the test's alone.
         let kubeconfig = cluster.dir().join("gar-restarter.kubeconfig");
-        let daemon_token = cluster
-            .service_account_kubeconfig(
-                rbac::DEPLOY_NAMESPACE,
-                rbac::DEPLOY_SERVICE_ACCOUNT,
-                &kubeconfig,
-                Some(&proxy.url()),
-            )
-            .await?;
+        let (grant, daemon_token) =
+            rbac::install_daemon_identity(&cluster, overlay, edit, &kubeconfig, Some(&proxy.url()))
+                .await?;
         eprintln!(
             "gar-testsupport: API for the daemon ready in {:.1?} (cluster {cluster_ready:.1?}, \
-             RBAC of deploy/{overlay} rendered at {rendered:.1?})",
+             then deploy/{overlay} RBAC and the daemon's token)",
             started.elapsed()
         );
         Ok(Arc::new(KubeApi {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 use gar_testsupport::cluster::kubelet::Kubelet;
-use gar_testsupport::cluster::rbac::{self, Grant, Placement};
+use gar_testsupport::cluster::rbac;
 use gar_testsupport::cluster::{Cluster, KUBERNETES_VERSION};
 
 /// Starts etcd, kube-apiserver and kube-controller-manager (the tests' control plane, built
@@ -38,7 +38,7 @@ pub fn run(args: &[String]) -> Result<()> {
 
 async fn serve(args: Args) -> Result<()> {
     eprintln!(
-        "starting Kubernetes {KUBERNETES_VERSION} (the first run builds it from the Go module proxy: ~15 min on 2 cores)..."
+        "starting Kubernetes {KUBERNETES_VERSION} (the first run builds it from the Go module proxy: about 10 min on 2 cores)..."
     );
     let cluster = tokio::task::spawn_blocking(Cluster::start).await??;
     for path in [&args.kubeconfig, &args.daemon_kubeconfig] {
@@ -48,24 +48,14 @@ async fn serve(args: Args) -> Result<()> {
     }
     std::fs::copy(cluster.admin_kubeconfig(), &args.kubeconfig)
         .with_context(|| format!("writing {}", args.kubeconfig.display()))?;
-    let placement = Placement {
-        system_namespace: rbac::DEPLOY_NAMESPACE.into(),
-        apps_namespace: rbac::DEPLOY_APPS_NAMESPACE.into(),
-        suffix: String::new(),
-    };
-    let grant = Grant::render(&cluster, &args.rbac, &placement)?;
-    for ns in [rbac::DEPLOY_NAMESPACE, rbac::DEPLOY_APPS_NAMESPACE] {
-        cluster.create_namespace(ns).await?;
-    }
-    grant.apply(&cluster)?;
-    cluster
-        .service_account_kubeconfig(
-            rbac::DEPLOY_NAMESPACE,
-            rbac::DEPLOY_SERVICE_ACCOUNT,
-            &args.daemon_kubeconfig,
-            None,
-        )
-        .await?;
+    rbac::install_daemon_identity(
+        &cluster,
+        &args.rbac,
+        |grant| grant,
+        &args.daemon_kubeconfig,
+        None,
+    )
+    .await?;
     let _kubelet = Kubelet::start(&cluster, None)?;
     println!(
         "Kubernetes {KUBERNETES_VERSION} API server on {}",

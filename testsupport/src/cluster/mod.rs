@@ -33,6 +33,7 @@ use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
+use serde_json::Value;
 
 use crate::gotool::{self, GoToolError};
 use process::Process;
@@ -248,6 +249,19 @@ impl Cluster {
                 error,
             }),
         }
+    }
+
+    /// Creates every namespace that one of `objects` lives in (if missing): applying a
+    /// namespaced object, even as a dry run, needs its namespace to exist.
+    pub async fn create_namespaces_of(&self, objects: &[Value]) -> Result<(), ClusterError> {
+        let namespaces: std::collections::BTreeSet<&str> = objects
+            .iter()
+            .filter_map(|o| o.pointer("/metadata/namespace").and_then(Value::as_str))
+            .collect();
+        for ns in namespaces {
+            self.create_namespace(ns).await?;
+        }
+        Ok(())
     }
 
     /// Creates the service account `namespace/name` (if missing), asks the TokenRequest

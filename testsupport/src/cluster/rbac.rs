@@ -206,6 +206,35 @@ fn place(mut object: Value, placement: &Placement) -> Value {
     object
 }
 
+/// Gives a cluster the daemon's identity as the manifests install it: renders the RBAC of
+/// `deploy/<overlay>` in the manifests' own namespaces, lets `edit` change it (e.g. remove a
+/// rule), applies it, and writes a kubeconfig of the service account
+/// `gar-restarter/gar-restarter` to `kubeconfig` (pointing at `server` when given, e.g. a
+/// proxy). Returns what was applied and the service account's token. Shared by the tests'
+/// `KubeApi` and `cargo xtask cluster`, so that both run the daemon with the same rights.
+pub async fn install_daemon_identity(
+    cluster: &Cluster,
+    overlay: &str,
+    edit: impl FnOnce(Grant) -> Grant,
+    kubeconfig: &Path,
+    server: Option<&str>,
+) -> Result<(Grant, String), ClusterError> {
+    cluster.create_namespace(DEPLOY_NAMESPACE).await?;
+    let placement = Placement {
+        system_namespace: DEPLOY_NAMESPACE.into(),
+        apps_namespace: DEPLOY_APPS_NAMESPACE.into(),
+        suffix: String::new(),
+    };
+    let grant = edit(Grant::render(cluster, overlay, &placement)?);
+    // The namespaces the manifests put Roles and RoleBindings in must exist first.
+    cluster.create_namespaces_of(&grant.objects).await?;
+    grant.apply(cluster)?;
+    let token = cluster
+        .service_account_kubeconfig(DEPLOY_NAMESPACE, DEPLOY_SERVICE_ACCOUNT, kubeconfig, server)
+        .await?;
+    Ok((grant, token))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
