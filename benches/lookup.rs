@@ -11,10 +11,10 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use gar_restarter::event::{self, Event};
-use gar_restarter::image::ImageRef;
-use gar_restarter::index::Index;
-use gar_restarter::lookup::SharedIndex;
+use gar_restarter::index::lookup::SharedIndex;
+use gar_restarter::index::table::Index;
+use gar_restarter::ingest::event::{self, Event};
+use gar_restarter::ingest::image::ImageRef;
 use gar_testsupport::fixtures;
 
 /// Per-call latencies (ns) of `f` over `inputs`, cycled `rounds` times: p50, p99, p99.9, max.

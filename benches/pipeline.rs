@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use gar_restarter::act::restart::{Restarter, RetryPolicy};
 use gar_restarter::config::DedupeMode;
-use gar_restarter::deadletter::{DeadLetter, DeadLetterSink, PublishError};
-use gar_restarter::index::Index;
-use gar_restarter::lookup::SharedIndex;
-use gar_restarter::metrics::Metrics;
+use gar_restarter::index::lookup::SharedIndex;
+use gar_restarter::index::table::Index;
+use gar_restarter::ops::metrics::Metrics;
 use gar_restarter::pipeline::{Inbound, Pipeline, PipelineConfig};
-use gar_restarter::restart::{Restarter, RetryPolicy};
+use gar_restarter::settle::deadletter::{DeadLetter, DeadLetterSink, PublishError};
 use gar_restarter::settle::{AckHandle, settle};
 use gar_testsupport::fake_api::FakeApi;
 use gar_testsupport::fixtures;

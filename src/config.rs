@@ -240,7 +240,7 @@ impl RunArgs {
             .unwrap_or_else(|| self.max_in_flight.saturating_mul(2));
         let bytes = self
             .max_outstanding_bytes
-            .unwrap_or(u64::from(messages) * crate::event::MAX_PAYLOAD_BYTES as u64);
+            .unwrap_or(u64::from(messages) * crate::ingest::event::MAX_PAYLOAD_BYTES as u64);
         FlowControl {
             max_outstanding_messages: i64::from(messages),
             // Both bounded by their parsers (≤ 100,000 × 64 KiB, ≤ 1 GiB): no overflow.
@@ -265,7 +265,7 @@ impl RunArgs {
 }
 
 /// Smallest and largest `--max-outstanding-bytes`: one largest valid event, and 1 GiB.
-const MIN_OUTSTANDING_BYTES: u64 = crate::event::MAX_PAYLOAD_BYTES as u64;
+const MIN_OUTSTANDING_BYTES: u64 = crate::ingest::event::MAX_PAYLOAD_BYTES as u64;
 const MAX_OUTSTANDING_BYTES: u64 = 1 << 30;
 
 /// A byte count: a plain integer, or one with a `KiB`, `MiB` or `GiB` suffix.

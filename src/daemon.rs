@@ -6,17 +6,17 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{CacheChain, ChainConfig, ChainError};
+use crate::act::restart::{Restarter, RetryPolicy};
 use crate::cluster::{self, ClusterError};
 use crate::config::{RunArgs, ScopeArgs};
-use crate::health::Health;
-use crate::index::Scope;
-use crate::metrics::Metrics;
+use crate::index::cache::{CacheChain, ChainConfig, ChainError};
+use crate::index::table::Scope;
+use crate::ingest::pubsub::{self, PubSubDeadLetters, PubSubError};
+use crate::ingest::source::{self, SourceConfig};
+use crate::ops::health::Health;
+use crate::ops::metrics::Metrics;
+use crate::ops::server::{self, BindError};
 use crate::pipeline::{Pipeline, PipelineConfig};
-use crate::pubsub::{self, PubSubDeadLetters, PubSubError};
-use crate::restart::{Restarter, RetryPolicy};
-use crate::server::{self, BindError};
-use crate::source::{self, SourceConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {

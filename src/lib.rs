@@ -1,32 +1,23 @@
 //! gar-restarter: restarts the Kubernetes workloads that run an image when Google Artifact
 //! Registry publishes a push event.
 //!
-//! Data flows one way: [`source`] (receive) → [`event`] (parse) → [`lookup`] → [`restart`] →
-//! [`settle`] (ack, nack or dead-letter), wired by [`pipeline`] and [`daemon`].
+//! Data flows one way, and the folders follow it:
+//!
+//! ```text
+//! ingest (receive, parse) → index (look up) → act (restart) → settle (ack, nack, dead-letter)
+//! ```
+//!
+//! [`pipeline`] drives one delivery through those stages; [`daemon`] wires them together and
+//! owns start-up and shutdown. [`cluster`] (the Kubernetes client) and [`ops`] (telemetry,
+//! metrics, probes) serve every stage.
 
-pub mod apimetrics;
-pub mod cache;
-pub mod check;
-pub mod clock;
+pub mod act;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
-pub mod deadletter;
-pub mod dedupe;
-pub mod event;
-pub mod excerpt;
-pub mod health;
-pub mod image;
 pub mod index;
-mod json;
-pub mod lookup;
-pub mod metrics;
+pub mod ingest;
+pub mod ops;
 pub mod pipeline;
-pub mod pubsub;
-pub mod replay;
-pub mod restart;
-pub mod server;
 pub mod settle;
-pub mod source;
-pub mod telemetry;
-pub mod workload;
+pub mod util;

@@ -9,7 +9,10 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use gar_restarter::config::{CacheCommand, CheckArgs, Cli, Command, DlqCommand};
-use gar_restarter::{check, daemon, replay, telemetry};
+use gar_restarter::daemon;
+use gar_restarter::index::check;
+use gar_restarter::ops::telemetry;
+use gar_restarter::settle::replay;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {

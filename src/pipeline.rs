@@ -11,14 +11,14 @@ use bytes::Bytes;
 use futures::future::join_all;
 use tracing::{Instrument, field};
 
-use crate::deadletter::DeadLetterKind;
-use crate::dedupe::{BoundedTtlMap, InFlight};
-use crate::event::{self, Event};
-use crate::lookup::Lookup;
-use crate::metrics::Metrics;
-use crate::metrics::{ActionLabels, RestartLabels};
-use crate::restart::{RestartError, RestartOutcome, Restarter};
-use crate::workload::WorkloadRef;
+use crate::act::dedupe::{BoundedTtlMap, InFlight};
+use crate::act::restart::{RestartError, RestartOutcome, Restarter};
+use crate::index::lookup::Lookup;
+use crate::index::workload::WorkloadRef;
+use crate::ingest::event::{self, Event};
+use crate::ops::metrics::Metrics;
+use crate::ops::metrics::{ActionLabels, RestartLabels};
+use crate::settle::deadletter::DeadLetterKind;
 
 /// A received message, independent of the transport.
 #[derive(Debug, Clone)]

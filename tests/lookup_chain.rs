@@ -8,15 +8,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use gar_restarter::cache::codec::Limits;
-use gar_restarter::cache::store::{Store, Written};
-use gar_restarter::cache::{CacheChain, ChainConfig, Origin};
 use gar_restarter::config::ObjectName;
-use gar_restarter::image::ImageRef;
-use gar_restarter::index::{Index, Scope};
-use gar_restarter::lookup::{Lookup, LookupSource};
-use gar_restarter::metrics::Metrics;
-use gar_restarter::workload::{WorkloadKind, WorkloadRef};
+use gar_restarter::index::cache::codec::Limits;
+use gar_restarter::index::cache::store::{Store, Written};
+use gar_restarter::index::cache::{CacheChain, ChainConfig, Origin};
+use gar_restarter::index::lookup::{Lookup, LookupSource};
+use gar_restarter::index::table::{Index, Scope};
+use gar_restarter::index::workload::{WorkloadKind, WorkloadRef};
+use gar_restarter::ingest::image::ImageRef;
+use gar_restarter::ops::metrics::Metrics;
 use gar_testsupport::objects::{configmap, daemonset, deployment, statefulset};
 
 const CM_NS: &str = "gar-restarter";
@@ -132,7 +132,7 @@ async fn a_mounted_gzip_bomb_is_refused_and_the_old_index_kept() {
     let chain = chain(&api, dir.path(), Duration::from_secs(30));
     assert_eq!(chain.init().await.unwrap(), Origin::Mount);
 
-    let limit = gar_restarter::cache::codec::MAX_DECOMPRESSED_BYTES;
+    let limit = gar_restarter::index::cache::codec::MAX_DECOMPRESSED_BYTES;
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     enc.write_all(br#"{"images":{},"pad":""#).unwrap();
     let zeros = vec![b'0'; 1 << 20];
@@ -144,8 +144,8 @@ async fn a_mounted_gzip_bomb_is_refused_and_the_old_index_kept() {
     std::fs::remove_file(dir.path().join("cache.json")).unwrap();
     std::fs::write(dir.path().join("cache.json.gz"), &bomb).unwrap();
 
-    match gar_restarter::cache::mount::load(dir.path()) {
-        gar_restarter::cache::mount::MountState::Invalid(reason) => {
+    match gar_restarter::index::cache::mount::load(dir.path()) {
+        gar_restarter::index::cache::mount::MountState::Invalid(reason) => {
             assert!(reason.contains("gzip bomb"), "{reason}")
         }
         other => panic!("{other:?}"),
@@ -290,7 +290,7 @@ async fn twenty_thousand_workloads_round_trip_through_configmaps() {
     let (written, encoded) = store.write(&index).await.unwrap();
     assert_eq!(
         written,
-        Written::Created(gar_restarter::cache::codec::Form::Gzip)
+        Written::Created(gar_restarter::index::cache::codec::Form::Gzip)
     );
     assert!(
         index.to_json().len() > 1_048_576,

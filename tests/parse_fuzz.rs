@@ -4,8 +4,8 @@
 //! Neither parser may panic, and whatever they accept must satisfy the invariants the rest of
 //! the pipeline relies on.
 
-use gar_restarter::event::{self, Event, MAX_PAYLOAD_BYTES, ParseError};
-use gar_restarter::image::{ImageRef, Target};
+use gar_restarter::ingest::event::{self, Event, MAX_PAYLOAD_BYTES, ParseError};
+use gar_restarter::ingest::image::{ImageRef, Target};
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 

@@ -954,7 +954,7 @@ fn workload_of(path: &str) -> String {
 }
 
 /// The message of the last daemon log line about `workload` (e.g. `Deployment shop/canary`),
-/// from the text format: `... gar_restarter::restart: MESSAGE workload=Deployment shop/canary`.
+/// from the text format: `... gar_restarter::act::restart: MESSAGE workload=Deployment shop/canary`.
 fn log_evidence(log: &str, workload: &str) -> Option<String> {
     let field = format!("workload={workload}");
     log.lines()
@@ -1030,7 +1030,7 @@ mod tests {
     #[test]
     fn finds_log_evidence() {
         let log = "2026-01-01T00:00:00Z  INFO process{:restart{k8s.workload.name=canary}: \
-                   gar_restarter::restart: not restarting: the Deployment is paused \
+                   gar_restarter::act::restart: not restarting: the Deployment is paused \
                    (kubectl refuses it too) workload=Deployment shop/canary\n\
                    \u{1b}[2mx\u{1b}[0m INFO gar_restarter::pipeline: restarted \
                    workload=Deployment shop/frontend image=x";

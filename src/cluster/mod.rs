@@ -1,21 +1,13 @@
-//! Kubernetes access: the client, how API errors are classified, and the workload scan that
-//! rebuilds the index.
+//! Kubernetes access shared by every stage: the client (config inference, no hidden retries,
+//! per-request metrics) and how API errors are classified, by HTTP code.
+
+pub mod api_metrics;
 
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::PodSpec;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, ListParams};
-use kube::{Client, Resource};
+use kube::Client;
+use kube::api::Api;
 use serde::de::DeserializeOwned;
-
-use crate::image::ImageRef;
-use crate::index::{Index, Scope};
-use crate::workload::{ENABLED_ANNOTATION, WorkloadKind, WorkloadRef, template_images};
-
-/// Page size for LISTs: big enough to keep round trips few, small enough for the API server.
-pub const LIST_PAGE: u32 = 500;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -44,12 +36,12 @@ impl ClusterError {
 /// kube's own retry layer is off: it would retry 429/5xx up to 15 times with delays of up to
 /// 1000 s, hidden from our attempt counting and far past the Pub/Sub lease.
 pub async fn client() -> Result<Client, ClusterError> {
-    client_with_metrics(std::sync::Arc::new(crate::metrics::Metrics::new())).await
+    client_with_metrics(std::sync::Arc::new(crate::ops::metrics::Metrics::new())).await
 }
 
 /// [`client`], counting every API request in `metrics.api_requests` (verb, resource, code).
 pub async fn client_with_metrics(
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    metrics: std::sync::Arc<crate::ops::metrics::Metrics>,
 ) -> Result<Client, ClusterError> {
     let mut config = kube::Config::infer()
         .await
@@ -58,7 +50,7 @@ pub async fn client_with_metrics(
     config.connect_timeout = Some(Duration::from_secs(5));
     config.read_timeout = Some(Duration::from_secs(30));
     config.write_timeout = Some(Duration::from_secs(10));
-    let layer = crate::apimetrics::ApiMetricsLayer::new(metrics);
+    let layer = crate::cluster::api_metrics::ApiMetricsLayer::new(metrics);
     Ok(kube::client::ClientBuilder::try_from(config)
         .map_err(|e| ClusterError::Config(e.to_string()))?
         .with_layer(&layer)
@@ -160,129 +152,6 @@ pub fn status_code(error: &kube::Error) -> Option<u16> {
     match error {
         kube::Error::Api(s) => Some(s.code),
         _ => None,
-    }
-}
-
-/// Lists every workload in scope and indexes the images their pod templates run.
-///
-/// Workloads annotated `gar-restarter/enabled: "false"` are left out.
-pub async fn scan(client: &Client, scope: &Scope) -> Result<Index, ClusterError> {
-    let mut entries = Vec::new();
-    scan_kind::<Deployment>(client, scope, WorkloadKind::Deployment, &mut entries, |d| {
-        let spec = d.spec.as_ref();
-        (
-            spec.and_then(|s| s.template.spec.as_ref()),
-            spec.and_then(|s| s.paused).unwrap_or(false),
-        )
-    })
-    .await?;
-    scan_kind::<StatefulSet>(
-        client,
-        scope,
-        WorkloadKind::StatefulSet,
-        &mut entries,
-        |s| {
-            (
-                s.spec.as_ref().and_then(|s| s.template.spec.as_ref()),
-                false,
-            )
-        },
-    )
-    .await?;
-    scan_kind::<DaemonSet>(client, scope, WorkloadKind::DaemonSet, &mut entries, |d| {
-        (
-            d.spec.as_ref().and_then(|s| s.template.spec.as_ref()),
-            false,
-        )
-    })
-    .await?;
-    Ok(Index::build(
-        entries,
-        scope.clone(),
-        crate::clock::now_rfc3339(),
-    ))
-}
-
-async fn scan_kind<K>(
-    client: &Client,
-    scope: &Scope,
-    kind: WorkloadKind,
-    out: &mut Vec<(WorkloadRef, Vec<ImageRef>)>,
-    template: impl Fn(&K) -> (Option<&PodSpec>, bool),
-) -> Result<(), ClusterError>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug,
-    K::DynamicType: Default,
-{
-    let apis: Vec<(Api<K>, String)> = if scope.namespaces.is_empty() {
-        vec![(Api::all(client.clone()), String::new())]
-    } else {
-        scope
-            .namespaces
-            .iter()
-            .map(|ns| {
-                (
-                    Api::namespaced(client.clone(), ns),
-                    format!(" in namespace {ns}"),
-                )
-            })
-            .collect()
-    };
-    for (api, where_) in apis {
-        let mut lp = ListParams::default().limit(LIST_PAGE);
-        if let Some(sel) = &scope.selector {
-            lp = lp.labels(sel);
-        }
-        loop {
-            let page = api.list(&lp).await.map_err(|source| ClusterError::List {
-                resource: kind.plural(),
-                scope: where_.clone(),
-                source,
-            })?;
-            for item in &page.items {
-                let meta: &ObjectMeta = item.meta();
-                if !wanted(meta, scope.opt_in) {
-                    continue;
-                }
-                let (Some(ns), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref())
-                else {
-                    continue;
-                };
-                let (spec, paused) = template(item);
-                let (images, invalid) = template_images(spec);
-                for image in invalid {
-                    tracing::warn!(workload = %format!("{kind} {ns}/{name}"), image, "skipping unparseable image reference");
-                }
-                if images.is_empty() {
-                    continue;
-                }
-                let mut w = WorkloadRef::new(kind, ns, name);
-                w.paused = paused;
-                out.push((w, images));
-            }
-            match page.metadata.continue_.as_deref() {
-                Some(token) if !token.is_empty() => lp = lp.continue_token(token),
-                _ => break,
-            }
-        }
-    }
-    Ok(())
-}
-
-/// `gar-restarter/enabled: "false"` always opts out; with `--opt-in`, only `"true"` opts in.
-fn wanted(meta: &ObjectMeta, opt_in: bool) -> bool {
-    let flag = meta
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ENABLED_ANNOTATION))
-        .map(|v| v.trim().to_ascii_lowercase());
-    match flag.as_deref() {
-        Some("false") => false,
-        Some("true") => true,
-        _ => !opt_in,
     }
 }
 

@@ -4,12 +4,12 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::cache::store::Written;
-use crate::cache::{CacheChain, ChainError, Origin};
 use crate::config::{CheckArgs, RebuildArgs};
-use crate::image::{ImageRef, ImageRefError};
-use crate::metrics::Metrics;
-use crate::workload::WorkloadRef;
+use crate::index::cache::store::Written;
+use crate::index::cache::{CacheChain, ChainError, Origin};
+use crate::index::workload::WorkloadRef;
+use crate::ingest::image::{ImageRef, ImageRefError};
+use crate::ops::metrics::Metrics;
 
 #[derive(Debug, Serialize)]
 pub struct CheckReport {

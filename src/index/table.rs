@@ -17,9 +17,9 @@ use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
-use crate::image::ImageRef;
-use crate::json::BorrowedStr;
-use crate::workload::{WorkloadKind, WorkloadRef};
+use crate::index::workload::{WorkloadKind, WorkloadRef};
+use crate::ingest::image::ImageRef;
+use crate::util::json::BorrowedStr;
 
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -437,7 +437,7 @@ impl<'de: 'a, 'a> Visitor<'de> for WorkloadsSeed<'_, 'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::WorkloadKind;
+    use crate::index::workload::WorkloadKind;
 
     #[test]
     fn seeds_format_loads_unchanged_and_keys_are_normalised() {

@@ -16,11 +16,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field};
 
-use crate::deadletter::DeadLetterSink;
-use crate::health::Health;
-use crate::lookup::Lookup;
-use crate::metrics::Metrics;
+use crate::index::lookup::Lookup;
+use crate::ops::health::Health;
+use crate::ops::metrics::Metrics;
 use crate::pipeline::{Inbound, Pipeline};
+use crate::settle::deadletter::DeadLetterSink;
 use crate::settle::{AckHandle, Settled, settle};
 
 /// A stream that has not failed within this long after opening is considered connected; an
@@ -105,7 +105,8 @@ pub async fn run<L: Lookup, D: DeadLetterSink>(
             .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
             .build();
         let token = stream.shutdown_token();
-        let grace = connected_after_grace(crate::pubsub::endpoint_authority(), &subscription);
+        let grace =
+            connected_after_grace(crate::ingest::pubsub::endpoint_authority(), &subscription);
         tokio::pin!(grace);
         let mut grace_done = false;
         loop {
@@ -305,7 +306,7 @@ pub async fn process_inbound<L: Lookup, H: AckHandle, D: DeadLetterSink>(
 ) -> Option<Settled> {
     let attempt = pipeline.attempt(&msg);
     let span = process_span(subscription, &msg, attempt);
-    crate::telemetry::continue_trace(&span, &msg.attributes);
+    crate::ops::telemetry::continue_trace(&span, &msg.attributes);
     metrics.in_flight.inc();
     let settled = async {
         tokio::select! {

@@ -20,7 +20,7 @@ const MAX_NAME_LEN: usize = 255;
 /// Longest input we look at; anything longer is rejected before parsing.
 const MAX_REFERENCE_LEN: usize = 512;
 
-/// `input` is held as an [`excerpt::quote`](crate::excerpt::quote): the reference may come
+/// `input` is held as an [`excerpt::quote`](crate::util::excerpt::quote): the reference may come
 /// from a hostile payload, and the error ends up in logs and `dlq_reason`.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ImageRefError {
@@ -115,10 +115,10 @@ impl<'a> Parsed<'a> {
     pub fn new(input: &'a str) -> Result<Self, ImageRefError> {
         let trimmed = input.trim();
         if trimmed.is_empty() {
-            return Err(ImageRefError::Empty(crate::excerpt::quote(input)));
+            return Err(ImageRefError::Empty(crate::util::excerpt::quote(input)));
         }
         parse_normalized(trimmed).map_err(|reason| ImageRefError::Invalid {
-            input: crate::excerpt::quote(input),
+            input: crate::util::excerpt::quote(input),
             reason: reason.to_string(),
         })
     }

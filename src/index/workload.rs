@@ -6,7 +6,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::PodSpec;
 use serde::{Deserialize, Serialize};
 
-use crate::image::ImageRef;
+use crate::ingest::image::ImageRef;
 
 /// Annotation on a workload that opts it out of indexing (and so of restarts).
 pub const ENABLED_ANNOTATION: &str = "gar-restarter/enabled";

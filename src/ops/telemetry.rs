@@ -74,7 +74,9 @@ pub fn check_protocol(var: &'static str, value: Option<&str>) -> Result<(), Tele
         None | Some("" | "grpc" | "http/protobuf" | "http/json") => Ok(()),
         Some(other) => Err(TelemetryError::Protocol {
             var,
-            value: crate::excerpt::quote(other).trim_matches('"').to_string(),
+            value: crate::util::excerpt::quote(other)
+                .trim_matches('"')
+                .to_string(),
         }),
     }
 }

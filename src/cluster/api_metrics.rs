@@ -14,7 +14,7 @@ use http::{Method, Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::metrics::{ApiLabels, Metrics};
+use crate::ops::metrics::{ApiLabels, Metrics};
 
 /// Installs [`ApiMetrics`] on a kube `ClientBuilder` with `.with_layer(&layer)`.
 #[derive(Clone)]

@@ -11,8 +11,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::{Health, Liveness};
-use crate::metrics::Metrics;
+use crate::ops::health::{Health, Liveness};
+use crate::ops::metrics::Metrics;
 
 #[derive(Clone)]
 struct AppState {

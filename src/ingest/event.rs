@@ -11,9 +11,9 @@ use std::marker::PhantomData;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 
-use crate::excerpt;
-use crate::image::{ImageRef, ImageRefError, Parsed};
-use crate::json::BorrowedStr;
+use crate::ingest::image::{ImageRef, ImageRefError, Parsed};
+use crate::util::excerpt;
+use crate::util::json::BorrowedStr;
 
 /// Pub/Sub allows 10 MB, but a GAR event is a few hundred bytes: anything this big is not one.
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
@@ -446,7 +446,7 @@ mod tests {
     /// Item 12 of issue #14: a 60 KB field once produced 121 KB WARN lines.
     #[test]
     fn errors_quote_a_bounded_escaped_excerpt() {
-        let limit = crate::excerpt::EXCERPT_BYTES + 32;
+        let limit = crate::util::excerpt::EXCERPT_BYTES + 32;
         let huge = "A".repeat(60_000);
         let bodies = [
             format!(r#"{{"action":"{huge}","tag":"gcr.io/p/a:v"}}"#),

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::image::ImageRef;
-use crate::index::Index;
-use crate::workload::WorkloadRef;
+use crate::index::table::Index;
+use crate::index::workload::WorkloadRef;
+use crate::ingest::image::ImageRef;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LookupSource {

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::cluster::{ErrorClass, classify, status_code};
 use crate::config::DedupeMode;
-use crate::workload::{WorkloadKind, WorkloadRef};
+use crate::index::workload::{WorkloadKind, WorkloadRef};
 
 pub const RESTARTED_AT_ANNOTATION: &str = "kubectl.kubernetes.io/restartedAt";
 pub const DIGEST_ANNOTATION: &str = "gar-restarter/digest";
@@ -169,7 +169,7 @@ impl Restarter {
             return Ok(RestartOutcome::SkippedPaused);
         }
         let body = patch_body(
-            &crate::clock::now_rfc3339(),
+            &crate::util::clock::now_rfc3339(),
             digest,
             precondition.as_deref(),
         );

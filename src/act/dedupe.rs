@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::util::lock::lock;
+
 pub struct BoundedTtlMap<K, V> {
     ttl: Duration,
     capacity: usize,
@@ -188,12 +190,6 @@ impl<K: Eq + Hash> Drop for Claim<'_, K> {
             notify.notify_waiters();
         }
     }
-}
-
-/// A panic while holding one of these locks cannot leave the data inconsistent in a way that
-/// matters, so recover rather than propagate.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

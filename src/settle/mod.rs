@@ -1,13 +1,17 @@
-//! Settle stage: ack, nack, or dead-letter then ack. A message is acked only when its work is
-//! done or it is safely on the dead-letter topic.
+//! Settle: ack, nack, or dead-letter then ack. A message is acked only when its work is done
+//! or it is safely on the dead-letter topic ([`deadletter`]); [`replay`] sends dead letters
+//! back to the topic once their cause is fixed. This is the end of a delivery.
+
+pub mod deadletter;
+pub mod replay;
 
 use std::sync::Arc;
 
 use tracing::Instrument;
 
-use crate::deadletter::{DeadLetter, DeadLetterSink};
-use crate::metrics::{KindLabels, Metrics, OutcomeLabels};
+use crate::ops::metrics::{KindLabels, Metrics, OutcomeLabels};
 use crate::pipeline::{Inbound, Settlement};
+use crate::settle::deadletter::{DeadLetter, DeadLetterSink};
 
 /// The transport's acknowledgement handle. Dropping it without a call must nack.
 pub trait AckHandle: Send + 'static {
@@ -167,12 +171,12 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+    use crate::act::restart::{Restarter, RetryPolicy};
     use crate::config::DedupeMode;
-    use crate::deadletter::{ATTR_REASON, ATTR_TRUNCATED, PublishError};
-    use crate::excerpt::EXCERPT_BYTES;
-    use crate::lookup::SharedIndex;
+    use crate::index::lookup::SharedIndex;
     use crate::pipeline::{Pipeline, PipelineConfig};
-    use crate::restart::{Restarter, RetryPolicy};
+    use crate::settle::deadletter::{ATTR_REASON, ATTR_TRUNCATED, PublishError};
+    use crate::util::excerpt::EXCERPT_BYTES;
 
     #[derive(Default)]
     struct Recorded(Mutex<Vec<&'static str>>);

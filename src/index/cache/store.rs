@@ -14,10 +14,11 @@ use kube::api::{Api, PostParams};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::cache::codec::{self, CodecError, Encoded, Form, Limits};
 use crate::cluster::{ErrorClass, classify, get_opt};
 use crate::config::ObjectName;
-use crate::index::Index;
+use crate::index::cache::codec::{self, CodecError, Encoded, Form, Limits};
+use crate::index::table::Index;
+use crate::util::lock::lock;
 
 const FIELD_MANAGER: &str = "gar-restarter";
 const MAX_CONFLICT_RETRIES: usize = 5;
@@ -112,14 +113,11 @@ impl Store {
     }
 
     fn remember(&self, cm: Option<ConfigMap>) {
-        *self.last_seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(cm);
+        *lock(&self.last_seen) = Some(cm);
     }
 
     fn take_remembered(&self) -> Option<Option<ConfigMap>> {
-        self.last_seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
+        lock(&self.last_seen).take()
     }
 
     async fn decode(&self, cm: &ConfigMap) -> Result<Index, StoreError> {
@@ -344,7 +342,7 @@ fn in_the_future(stamp: &str, now: OffsetDateTime) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::Scope;
+    use crate::index::table::Scope;
 
     fn at(stamp: &str) -> Index {
         Index::build(Vec::new(), Scope::default(), stamp.to_string())

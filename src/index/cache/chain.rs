@@ -16,15 +16,17 @@ use std::time::{Duration, Instant};
 use kube::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::mount::{self, MountState};
-use crate::cache::store::{Store, StoreError, Written};
-use crate::cluster::{self, ClusterError};
+use crate::cluster::ClusterError;
 use crate::config::ObjectName;
-use crate::image::ImageRef;
-use crate::index::{Index, Scope};
-use crate::lookup::{Hits, Lookup, LookupError, LookupSource, SharedIndex};
-use crate::metrics::{Metrics, ResultLabels};
-use crate::workload::WorkloadRef;
+use crate::index::cache::mount::{self, MountState};
+use crate::index::cache::store::{Store, StoreError, Written};
+use crate::index::lookup::{Hits, Lookup, LookupError, LookupSource, SharedIndex};
+use crate::index::scan;
+use crate::index::table::{Index, Scope};
+use crate::index::workload::WorkloadRef;
+use crate::ingest::image::ImageRef;
+use crate::ops::metrics::{Metrics, ResultLabels};
+use crate::util::lock::lock;
 
 /// Where the index in use came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,11 +204,7 @@ impl CacheChain {
         let dir = &self.inner.config.cache_dir;
         let fingerprint = mount::fingerprint(dir);
         {
-            let last = self
-                .inner
-                .mount_seen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let last = lock(&self.inner.mount_seen);
             if let Some((seen, provides)) = last.as_ref()
                 && fingerprint.as_ref() == Some(seen)
             {
@@ -214,11 +212,7 @@ impl CacheChain {
             }
         }
         let provides = self.load_mount(dir);
-        *self
-            .inner
-            .mount_seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = fingerprint.map(|f| (f, provides));
+        *lock(&self.inner.mount_seen) = fingerprint.map(|f| (f, provides));
         provides
     }
 
@@ -263,11 +257,7 @@ impl CacheChain {
     }
 
     fn clear_negative(&self) {
-        self.inner
-            .negative
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        lock(&self.inner.negative).clear();
     }
 
     /// Scans the cluster, swaps the new index in at once, then writes the ConfigMap.
@@ -278,13 +268,9 @@ impl CacheChain {
 
     async fn rebuild_locked(&self, reason: &str) -> Result<(), ChainError> {
         let started = Instant::now();
-        let result = cluster::scan(&self.inner.client, &self.inner.config.scope).await;
+        let result = scan::scan(&self.inner.client, &self.inner.config.scope).await;
         let ok = result.is_ok();
-        *self
-            .inner
-            .last_rebuild
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), ok));
+        *lock(&self.inner.last_rebuild) = Some((Instant::now(), ok));
         self.inner.generation.fetch_add(1, Ordering::AcqRel);
         self.inner
             .metrics
@@ -329,9 +315,9 @@ impl CacheChain {
     /// Rebuilds and waits for the ConfigMap write; for `cache rebuild` and `check --rebuild`.
     pub async fn rebuild_and_store(
         &self,
-    ) -> Result<(Written, crate::cache::codec::Encoded), ChainError> {
+    ) -> Result<(Written, crate::index::cache::codec::Encoded), ChainError> {
         let _guard = self.inner.rebuild_lock.lock().await;
-        let index = cluster::scan(&self.inner.client, &self.inner.config.scope).await?;
+        let index = scan::scan(&self.inner.client, &self.inner.config.scope).await?;
         self.swap(index, Origin::Rebuild);
         let _write = self.inner.write_lock.lock().await;
         let index = self.inner.index.load();
@@ -393,19 +379,11 @@ impl CacheChain {
     }
 
     fn negative_contains(&self, key: &str) -> bool {
-        self.inner
-            .negative
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(key)
+        lock(&self.inner.negative).contains(key)
     }
 
     fn remember_miss(&self, key: &str) {
-        let mut set = self
-            .inner
-            .negative
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut set = lock(&self.inner.negative);
         if set.len() < NEGATIVE_CAPACITY {
             set.insert(key.to_string());
         }
@@ -413,11 +391,7 @@ impl CacheChain {
 
     /// `Some(ok)` when the last rebuild is younger than the minimum interval.
     fn recent_rebuild(&self) -> Option<bool> {
-        let last = *self
-            .inner
-            .last_rebuild
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let last = *lock(&self.inner.last_rebuild);
         last.filter(|(at, _)| at.elapsed() < self.inner.config.min_rebuild_interval)
             .map(|(_, ok)| ok)
     }

@@ -18,7 +18,7 @@ use flate2::write::GzEncoder;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::index::{Index, IndexError};
+use crate::index::table::{Index, IndexError};
 
 pub const PLAIN_KEY: &str = "cache.json";
 pub const GZIP_KEY: &str = "cache.json.gz";
@@ -276,9 +276,9 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::ImageRef;
-    use crate::index::Scope;
-    use crate::workload::{WorkloadKind, WorkloadRef};
+    use crate::index::table::Scope;
+    use crate::index::workload::{WorkloadKind, WorkloadRef};
+    use crate::ingest::image::ImageRef;
 
     /// 20,000 workloads over 50,000 image references.
     pub(crate) fn big_index(workloads: usize) -> Index {

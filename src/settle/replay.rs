@@ -17,10 +17,10 @@ use google_cloud_pubsub::model::Message;
 use google_cloud_pubsub::subscriber::ShutdownBehavior;
 
 use crate::config::ReplayArgs;
-use crate::deadletter::{
+use crate::ingest::pubsub::{self, PubSubError};
+use crate::settle::deadletter::{
     ATTR_KIND, ATTR_ORIGINAL_ID, ATTR_REASON, ATTR_TRUNCATED, is_truncated, original_attributes,
 };
-use crate::pubsub::{self, PubSubError};
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ReplaySummary {
@@ -90,7 +90,7 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, ReplayError> {
         .set_max_outstanding_bytes(64 << 20)
         // Held (skipped, dry-run) messages are released at the end; should the command be
         // killed instead, they come back after this short deadline rather than the SDK's 60 s.
-        .set_max_lease_extension(crate::source::LEASE_EXTENSION)
+        .set_max_lease_extension(crate::ingest::source::LEASE_EXTENSION)
         .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
         .build();
     let token = stream.shutdown_token();

@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::cache::codec::{self, CodecError, Form};
-use crate::index::Index;
+use crate::index::cache::codec::{self, CodecError, Form};
+use crate::index::table::Index;
 
 /// Quiet time after the last event before re-reading: one kubelet swap is four events.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);

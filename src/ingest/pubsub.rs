@@ -5,7 +5,7 @@
 use google_cloud_pubsub::client::{BasePublisher, Publisher, Subscriber};
 use google_cloud_pubsub::model::Message;
 
-use crate::deadletter::{DeadLetter, DeadLetterSink, PublishError};
+use crate::settle::deadletter::{DeadLetter, DeadLetterSink, PublishError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PubSubError {

@@ -89,7 +89,7 @@ impl DeadLetter {
             ATTR_SOURCE_SUBSCRIPTION.into(),
             truncate(subscription, MAX_ATTRIBUTE_BYTES),
         );
-        attributes.insert(ATTR_FAILED_AT.into(), crate::clock::now_rfc3339());
+        attributes.insert(ATTR_FAILED_AT.into(), crate::util::clock::now_rfc3339());
         let mut truncated = dropped > 0;
         if dropped > 0 {
             attributes.insert(ATTR_DROPPED_ATTRIBUTES.into(), dropped.to_string());

@@ -1,0 +1,6 @@
+//! Small helpers with no stage of their own.
+
+pub mod clock;
+pub mod excerpt;
+pub(crate) mod json;
+pub mod lock;
