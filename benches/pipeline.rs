@@ -5,12 +5,10 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use gar_restarter::act::restart::{Restarter, RetryPolicy};
-use gar_restarter::config::DedupeMode;
+use gar_restarter::act::restart::{Restarter, RestarterConfig};
 use gar_restarter::index::lookup::SharedIndex;
 use gar_restarter::index::table::Index;
 use gar_restarter::ops::metrics::Metrics;
@@ -53,12 +51,9 @@ fn bench(c: &mut Criterion) {
     let metrics = Arc::new(Metrics::new());
     let pipeline = Arc::new(Pipeline::new(
         Arc::new(index),
-        Restarter::new(client, false, DedupeMode::Memory, RetryPolicy::default()),
+        Restarter::new(client, RestarterConfig::default()),
         metrics.clone(),
-        PipelineConfig {
-            max_attempts: 5,
-            dedupe_window: Duration::from_secs(600),
-        },
+        PipelineConfig { max_attempts: 5 },
     ));
     // Events for images nobody runs: the whole path except the PATCH.
     let messages: Vec<Inbound> = (0..BATCH)

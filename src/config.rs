@@ -123,9 +123,11 @@ pub struct ScopeArgs {
           default_value = "30s", value_parser = parse_duration)]
     pub min_rebuild_interval: Duration,
 
-    /// Rebuild the index this often to find new workloads using already-indexed images.
+    /// The safety net behind the watch: every stream is re-created (one LIST each) this
+    /// often, catching anything a watch could still miss. With `--watch=false`, the index is
+    /// rebuilt this often instead, and that is its staleness bound.
     #[arg(long, env = "GAR_RESTARTER_REFRESH_INTERVAL", value_name = "DURATION",
-          default_value = "10m", value_parser = parse_duration)]
+          default_value = "1h", value_parser = parse_duration)]
     pub refresh_interval: Duration,
 }
 
@@ -187,21 +189,30 @@ pub struct RunArgs {
           default_value = "30s", value_parser = parse_duration)]
     pub retry_budget: Duration,
 
-    /// A second delivery of the same (workload, digest) within this window restarts nothing.
+    /// How long this process trusts its own record of a restart that the watch has not shown
+    /// yet (without the watch: the dedupe window for a repeated (workload, digest)).
     #[arg(long, env = "GAR_RESTARTER_DEDUPE_WINDOW", value_name = "DURATION",
           default_value = "10m", value_parser = parse_duration)]
     pub dedupe_window: Duration,
 
-    /// `memory`: per-replica dedupe, 1 PATCH per workload. `cluster`: GET the workload and skip
-    /// it if its template already carries the digest, then PATCH with a resourceVersion
-    /// precondition; 1 GET + 1 PATCH per workload, exact across replicas.
-    #[arg(
-        long,
-        env = "GAR_RESTARTER_DEDUPE_MODE",
-        value_enum,
-        default_value = "memory"
-    )]
-    pub dedupe_mode: DedupeMode,
+    /// Keep a live view of every workload in scope with a watch (kube's runtime watcher), and
+    /// decide each restart on it. `false` is for API servers that cannot watch: lookups and
+    /// decisions then use the snapshot index, as fresh as `--refresh-interval`.
+    #[arg(long, env = "GAR_RESTARTER_WATCH", value_name = "BOOL", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub watch: bool,
+
+    /// How long after start-up events wait for the watch's first list before falling back to
+    /// the snapshot index (a miss is authoritative only once the list is done).
+    #[arg(long, env = "GAR_RESTARTER_WATCH_SYNC_TIMEOUT", value_name = "DURATION",
+          default_value = "10s", value_parser = parse_duration)]
+    pub watch_sync_timeout: Duration,
+
+    /// Write the live view back to the cache ConfigMap at most this often, when it changed,
+    /// so that the next start-up loads a recent snapshot.
+    #[arg(long, env = "GAR_RESTARTER_SNAPSHOT_INTERVAL", value_name = "DURATION",
+          default_value = "5m", value_parser = parse_duration)]
+    pub snapshot_interval: Duration,
 
     /// On SIGTERM, time in-flight messages get to finish before the rest are nacked.
     #[arg(long, env = "GAR_RESTARTER_SHUTDOWN_TIMEOUT", value_name = "DURATION",
@@ -298,12 +309,6 @@ fn parse_outstanding_bytes(s: &str) -> Result<u64, String> {
             )
         })?;
     Ok(bytes)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DedupeMode {
-    Memory,
-    Cluster,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::act::restart::{Restarter, RetryPolicy};
+use crate::act::restart::{Restarter, RestarterConfig, RetryPolicy};
 use crate::cluster::{self, ClusterError};
 use crate::config::{RunArgs, ScopeArgs};
 use crate::index::cache::{CacheChain, ChainConfig, ChainError};
+use crate::index::live::LiveView;
 use crate::index::table::Scope;
+use crate::index::watch::{self, WatchConfig};
 use crate::ingest::pubsub::{self, PubSubDeadLetters, PubSubError};
 use crate::ingest::source::{self, SourceConfig};
 use crate::ops::health::Health;
@@ -80,21 +82,38 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
     if !loaded {
         return Ok(());
     }
-    chain.spawn_background(shutdown.clone());
+    let scope = scope(&args.scope);
+    let live = if args.watch {
+        Some(start_watch(&args, &scope, &metrics, &shutdown).await?)
+    } else {
+        tracing::info!("--watch=false: lookups and decisions use the snapshot index");
+        None
+    };
+    chain.spawn_background(
+        live.clone().map(|l| (l, args.snapshot_interval)),
+        shutdown.clone(),
+    );
     let index = Arc::new(chain);
 
-    let retry = RetryPolicy {
-        budget: args.retry_budget,
-        ..RetryPolicy::default()
-    };
-    let restarter = Restarter::new(client, args.dry_run, args.dedupe_mode, retry);
+    let restarter = Restarter::new(
+        client,
+        RestarterConfig {
+            dry_run: args.dry_run,
+            retry: RetryPolicy {
+                budget: args.retry_budget,
+                ..RetryPolicy::default()
+            },
+            scope,
+            live,
+            dedupe_window: args.dedupe_window,
+        },
+    );
     let pipeline = Arc::new(Pipeline::new(
         index,
         restarter,
         metrics.clone(),
         PipelineConfig {
             max_attempts: args.max_attempts,
-            dedupe_window: args.dedupe_window,
         },
     ));
     let sink = Arc::new(sink);
@@ -120,6 +139,48 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
     .await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts the watch streams that keep the live view; it catches up in the background (the
+/// daemon is ready on the snapshot) and `watch_synced` turns 1 once every stream has listed.
+async fn start_watch(
+    args: &RunArgs,
+    scope: &Scope,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Result<Arc<LiveView>, DaemonError> {
+    let live = Arc::new(LiveView::new(
+        LiveView::streams_for(scope),
+        scope.opt_in,
+        args.watch_sync_timeout,
+    ));
+    let client = cluster::watch_client(metrics.clone()).await?;
+    watch::spawn(
+        client,
+        live.clone(),
+        WatchConfig {
+            selector: scope.selector.clone(),
+            relist_interval: args.scope.refresh_interval,
+        },
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    let (synced, gauge) = (live.clone(), metrics.clone());
+    tokio::spawn(async move {
+        if synced.wait_synced().await {
+            gauge.watch_synced.set(1);
+            tracing::info!(
+                workloads = synced.workload_count(),
+                images = synced.image_count(),
+                "live view complete: lookups and decisions use the watch"
+            );
+        } else {
+            tracing::warn!(
+                "the watch has not listed within --watch-sync-timeout; using the snapshot index until it does"
+            );
+        }
+    });
+    Ok(live)
 }
 
 /// Loads the first index (mount → ConfigMap → rebuild), retrying with backoff; the daemon

@@ -11,10 +11,11 @@ use bytes::Bytes;
 use futures::future::join_all;
 use tracing::{Instrument, field};
 
+use crate::act::decide::{Push, Skip};
 use crate::act::dedupe::{BoundedTtlMap, InFlight};
 use crate::act::restart::{RestartError, RestartOutcome, Restarter};
+use crate::index::live::{Key, key_of};
 use crate::index::lookup::Lookup;
-use crate::index::workload::WorkloadRef;
 use crate::ingest::event::{self, Event};
 use crate::ops::metrics::Metrics;
 use crate::ops::metrics::{ActionLabels, RestartLabels};
@@ -47,19 +48,15 @@ pub enum Settlement {
 
 pub struct PipelineConfig {
     pub max_attempts: u32,
-    pub dedupe_window: Duration,
 }
 
 pub struct Pipeline<L> {
     lookup: Arc<L>,
     restarter: Restarter,
     metrics: Arc<Metrics>,
-    /// (workload, digest or message id) pairs already restarted: duplicates and partial
-    /// retries skip them.
-    done: BoundedTtlMap<(WorkloadRef, String), ()>,
-    /// The same pairs while their restart is running: a duplicate waits for the outcome
-    /// instead of restarting the workload a second time.
-    inflight: InFlight<(WorkloadRef, String)>,
+    /// Workloads whose decision and PATCH are running: a concurrent event for the same
+    /// workload waits, then decides on what the first one did.
+    inflight: InFlight<Key>,
     /// Deliveries per message (see [`delivery_key`]), for subscriptions without a dead-letter
     /// policy.
     attempts: BoundedTtlMap<String, u32>,
@@ -67,8 +64,8 @@ pub struct Pipeline<L> {
     warned_per_process: AtomicBool,
 }
 
-/// Entries kept in each dedupe map; ~200 bytes each, so a few tens of MB at worst.
-const DEDUPE_CAPACITY: usize = 100_000;
+/// Attempt counts kept at most; ~100 bytes each, so about 10 MB at worst.
+const ATTEMPTS_CAPACITY: usize = 100_000;
 
 /// Identifies one published message across its redeliveries: the message id plus the
 /// publish time the service stamped on it.
@@ -98,10 +95,9 @@ impl<L: Lookup> Pipeline<L> {
             lookup,
             restarter,
             metrics,
-            done: BoundedTtlMap::new(config.dedupe_window, DEDUPE_CAPACITY),
             inflight: InFlight::new(),
             // Long enough to outlive any redelivery cycle of a failing message.
-            attempts: BoundedTtlMap::new(Duration::from_secs(6 * 3600), DEDUPE_CAPACITY),
+            attempts: BoundedTtlMap::new(Duration::from_secs(6 * 3600), ATTEMPTS_CAPACITY),
             max_attempts: config.max_attempts,
             warned_per_process: AtomicBool::new(false),
         }
@@ -209,14 +205,17 @@ impl<L: Lookup> Pipeline<L> {
             };
         }
 
-        // Without a digest, a redelivery of the same message is the only duplicate we can see.
-        let dedupe_key = digest
-            .clone()
-            .unwrap_or_else(|| format!("message:{}", delivery_key(msg)));
+        let push = Push {
+            image: tag.clone(),
+            digest: digest.clone(),
+            published_at: msg
+                .publish_time
+                .map(time::OffsetDateTime::from)
+                .unwrap_or_else(time::OffsetDateTime::now_utc),
+        };
         let tag = &tag;
+        let push = &push;
         let jobs = hits.workloads.iter().map(|w| {
-            let key = (w.clone(), dedupe_key.clone());
-            let digest = digest.as_deref();
             let span = tracing::info_span!(
                 "restart",
                 "k8s.namespace.name" = %w.namespace,
@@ -225,14 +224,9 @@ impl<L: Lookup> Pipeline<L> {
                 result = field::Empty,
             );
             async move {
-                // Held until this restart's outcome is recorded, so that a copy of the event
-                // being processed concurrently sees it in `done`.
-                let _claim = self.inflight.claim(key.clone()).await;
-                if self.done.contains(&key) {
-                    tracing::Span::current().record("result", "duplicate");
-                    tracing::info!(workload = %w, "already restarted for this digest; skipping duplicate");
-                    return (w, Ok(None));
-                }
+                // Held until this restart is done, so that a copy of the event processed
+                // concurrently decides on what this one did.
+                let _claim = self.inflight.claim(key_of(w)).await;
                 // The first PATCH only: a retry's latency is the API's doing, not ours.
                 let first_send = std::sync::Once::new();
                 let on_send = || {
@@ -242,7 +236,7 @@ impl<L: Lookup> Pipeline<L> {
                             .observe(received.elapsed().as_secs_f64())
                     })
                 };
-                let result = self.restarter.restart(w, digest, on_send).await;
+                let result = self.restarter.restart(w, push, on_send).await;
                 let label = match &result {
                     Ok(o) => o.as_str(),
                     Err(e) if e.is_transient() => "transient_error",
@@ -259,20 +253,18 @@ impl<L: Lookup> Pipeline<L> {
                     .inc();
                 match &result {
                     Ok(RestartOutcome::Restarted) => {
-                        self.done.insert(key, ());
                         if let Some(lag) = msg.publish_time.and_then(|t| t.elapsed().ok()) {
                             self.metrics.push_to_restart_seconds.observe(lag.as_secs_f64());
                         }
                         self.metrics
                             .receive_to_restart_seconds
                             .observe(received.elapsed().as_secs_f64());
-                        tracing::info!(workload = %w, image = %tag, digest, "restarted");
+                        tracing::info!(workload = %w, image = %tag, digest = push.digest.as_deref(), "restarted");
                     }
-                    Ok(RestartOutcome::AlreadyAtDigest) => self.done.insert(key, ()),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(workload = %w, error = %e, "restart failed"),
                 }
-                (w, result.map(Some))
+                (w, result)
             }
             .instrument(span)
         });
@@ -282,17 +274,19 @@ impl<L: Lookup> Pipeline<L> {
         let mut permanent: Vec<&RestartError> = Vec::new();
         let mut restarted = 0usize;
         let mut dry_run = false;
+        let mut stale = false;
         for (_, r) in &results {
             match r {
-                Ok(Some(RestartOutcome::Restarted)) => restarted += 1,
-                Ok(Some(RestartOutcome::DryRun)) => dry_run = true,
+                Ok(RestartOutcome::Restarted) => restarted += 1,
+                Ok(RestartOutcome::DryRun) => dry_run = true,
+                Ok(RestartOutcome::Skipped(Skip::Stale)) => stale = true,
                 Ok(_) => {}
                 Err(e) if e.is_transient() => transient.push(e),
                 Err(e) => permanent.push(e),
             }
         }
         if let Some(last) = transient.last() {
-            // Retry only what failed: the restarted ones are in `done` and will be skipped.
+            // Retry only what failed: what was restarted is recorded and will be skipped.
             return self.transient_failure(attempt, format!("message {}: {last}", msg.id));
         }
         if !permanent.is_empty() {
@@ -308,9 +302,11 @@ impl<L: Lookup> Pipeline<L> {
                 reason: format!("message {} image {tag}: {}", msg.id, reasons.join("; ")),
             };
         }
-        let outcome = match (restarted, dry_run) {
-            (0, true) => "dry_run",
-            (0, false) => "nothing_to_restart",
+        let outcome = match (restarted, dry_run, stale) {
+            (0, true, _) => "dry_run",
+            // Every workload had been restarted for a later push of this tag.
+            (0, false, true) => "stale",
+            (0, false, false) => "nothing_to_restart",
             _ => "restarted",
         };
         Settlement::Ack { outcome }

@@ -421,10 +421,12 @@ async fn racing_rebuilds_converge_through_409() {
 }
 
 /// Daemon with a mounted index: no API call for the lookup, and a kubelet swap is picked up
-/// live; a corrupt swap leaves the previous index in use.
+/// live; a corrupt swap leaves the previous index in use. This is the snapshot path, so the
+/// watch (which lists at start-up and then answers lookups itself) is off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mounted_index_is_served_and_swapped_live_without_api_calls() {
     let mut h = Harness::real().await;
+    h.extra_args.push("--watch=false".into());
     h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
     h.api
         .insert(deployment("prod", "worker", &[&gar("worker:v1")]));

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use gar_testsupport::objects::deployment;
+use gar_testsupport::traffic::Fault;
 
 /// A second subscription on the GAR topic: sees exactly what a replay publishes there.
 const TAP: &str = "gcr-tap";
@@ -53,18 +54,21 @@ async fn replay(h: &Harness, topic: &str, extra: &[&str]) -> CommandOutput {
 }
 
 /// Dead letters of two kinds, a dry run, a `--kind permanent` replay after the cause was
-/// fixed (the workload re-created), and the daemon restarting it from the replayed message:
-/// the whole loop.
+/// fixed (the API stops refusing the workload's PATCH), and the daemon restarting it from the
+/// replayed message: the whole loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_filters_by_kind_dry_runs_and_closes_the_loop() {
     let mut h = Harness::real_with_subscriptions(&[(TAP, TOPIC)]).await;
     h.api.insert(deployment("prod", "api", &[&gar("app:v1")]));
-    h.api.insert(deployment("prod", "gone", &[&gar("gone:v1")]));
+    h.api
+        .insert(deployment("prod", "locked", &[&gar("locked:v1")]));
+    // Its PATCH answers 403 (as with a missing RBAC rule): a permanent failure. (A deleted
+    // workload is no failure at all: the live view knows it is gone and nothing is patched.)
+    h.api
+        .add_fault(Fault::error(deployment_path("prod", "locked"), 403).on_method("PATCH"));
     h.start_daemon().await;
-    // Deleted after the daemon indexed it: its PATCH answers 404, a permanent failure.
-    let gone = h.api.remove("deployments", "prod", "gone").expect("seeded");
 
-    let event = insert("gone:v1", HEX_A);
+    let event = insert("locked:v1", HEX_A);
     let original_attrs = HashMap::from([
         ("origin".to_string(), "ci".to_string()),
         ("trace".to_string(), "abc".to_string()),
@@ -101,7 +105,7 @@ async fn replay_filters_by_kind_dry_runs_and_closes_the_loop() {
     assert!(leaked.is_empty(), "a dry run published {leaked:?}");
 
     // The cause is fixed; replay only the permanent failure.
-    h.api.insert(gone);
+    h.api.clear_faults();
     h.api.clear_requests();
     let out = replay(&h, &gar_topic, &["--kind", "permanent"]).await;
     assert!(out.status.is_some_and(|s| s.success()), "{out:?}");
@@ -114,8 +118,8 @@ async fn replay_filters_by_kind_dry_runs_and_closes_the_loop() {
     assert_eq!(replayed[0].attributes, original_attrs);
     assert_ne!(replayed[0].message_id, event_id, "a new message");
 
-    // …and the daemon restarts the re-created workload from it.
-    let path = deployment_path("prod", "gone");
+    // …and the daemon restarts the workload from it.
+    let path = deployment_path("prod", "locked");
     assert!(
         wait_until(Duration::from_secs(15), || {
             accepted_patches(&h.api).contains(&(path.clone(), Some(format!("sha256:{HEX_A}"))))

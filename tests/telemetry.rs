@@ -10,9 +10,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use gar_restarter::act::restart::{Restarter, RetryPolicy};
+use gar_restarter::act::restart::{Restarter, RestarterConfig, RetryPolicy};
 use gar_restarter::cluster::api_metrics::ApiMetricsLayer;
-use gar_restarter::config::DedupeMode;
 use gar_restarter::index::lookup::SharedIndex;
 use gar_restarter::index::table::{Index, Scope};
 use gar_restarter::index::workload::{WorkloadKind, WorkloadRef};
@@ -122,23 +121,21 @@ impl Fixture {
             .build();
         let restarter = Restarter::new(
             client,
-            false,
-            DedupeMode::Memory,
-            RetryPolicy {
-                min_delay: Duration::from_millis(1),
-                max_delay: Duration::from_millis(5),
-                max_times: 1,
-                budget: Duration::from_millis(50),
+            RestarterConfig {
+                retry: RetryPolicy {
+                    min_delay: Duration::from_millis(1),
+                    max_delay: Duration::from_millis(5),
+                    max_times: 1,
+                    budget: Duration::from_millis(50),
+                },
+                ..RestarterConfig::default()
             },
         );
         let pipeline = Pipeline::new(
             Arc::new(SharedIndex::new(index)),
             restarter,
             metrics.clone(),
-            PipelineConfig {
-                max_attempts: 5,
-                dedupe_window: Duration::from_secs(600),
-            },
+            PipelineConfig { max_attempts: 5 },
         );
         Fixture {
             exporter,

@@ -1,4 +1,5 @@
-//! Restart stage: the PATCH `kubectl rollout restart` sends, plus our digest annotation.
+//! Restart: the PATCH `kubectl rollout restart` sends, plus annotations that record the push
+//! it was for, taken only after [`decide`] says so on the workload's live state.
 
 use std::time::{Duration, Instant};
 
@@ -8,22 +9,31 @@ use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use serde_json::{Value, json};
 
+use std::sync::Arc;
+
+use crate::act::decide::{Decision, Push, Skip, decide};
+use crate::act::dedupe::BoundedTtlMap;
 use crate::cluster::{ErrorClass, classify, status_code};
-use crate::config::DedupeMode;
-use crate::index::workload::{WorkloadKind, WorkloadRef};
+use crate::index::live::{Current, Key, LiveView, key_of};
+use crate::index::table::Scope;
+use crate::index::workload::{
+    DIGEST_ANNOTATION, IMAGE_ANNOTATION, PUBLISHED_AT_ANNOTATION, RestartRecord, WorkloadKind,
+    WorkloadRef,
+};
 
 pub const RESTARTED_AT_ANNOTATION: &str = "kubectl.kubernetes.io/restartedAt";
-pub const DIGEST_ANNOTATION: &str = "gar-restarter/digest";
 pub const FIELD_MANAGER: &str = "gar-restarter";
+
+/// Our own restarts remembered per workload, until the watch shows them (normally within
+/// milliseconds; without the live view, for `--dedupe-window`).
+const RECENT_CAPACITY: usize = 100_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestartOutcome {
     Restarted,
     DryRun,
-    /// kubectl refuses to restart a paused Deployment; so do we.
-    SkippedPaused,
-    /// `--dedupe-mode cluster`: the template already carries this digest.
-    AlreadyAtDigest,
+    /// Not restarted, and why (paused, opted out, out of scope, duplicate, stale).
+    Skipped(Skip),
 }
 
 impl RestartOutcome {
@@ -31,8 +41,7 @@ impl RestartOutcome {
         match self {
             RestartOutcome::Restarted => "restarted",
             RestartOutcome::DryRun => "dry_run",
-            RestartOutcome::SkippedPaused => "skipped_paused",
-            RestartOutcome::AlreadyAtDigest => "already_at_digest",
+            RestartOutcome::Skipped(skip) => skip.as_str(),
         }
     }
 }
@@ -91,21 +100,43 @@ impl Default for RetryPolicy {
     }
 }
 
-#[derive(Clone)]
+/// What a [`Restarter`] needs besides the client.
+pub struct RestarterConfig {
+    pub dry_run: bool,
+    pub retry: RetryPolicy,
+    /// The namespaces, selector and opt-in the daemon runs with: enforced when acting.
+    pub scope: Scope,
+    /// The watch-fed view decisions are read from; `None` (no watch) decides on the index.
+    pub live: Option<Arc<LiveView>>,
+    /// How long our own restart is remembered when the watch does not show it.
+    pub dedupe_window: Duration,
+}
+
+impl Default for RestarterConfig {
+    /// No dry run, the default retry policy, every namespace, no live view, 10 minutes.
+    fn default() -> Self {
+        Self {
+            dry_run: false,
+            retry: RetryPolicy::default(),
+            scope: Scope::default(),
+            live: None,
+            dedupe_window: Duration::from_secs(600),
+        }
+    }
+}
+
 pub struct Restarter {
     client: Client,
-    dry_run: bool,
-    mode: DedupeMode,
-    retry: RetryPolicy,
+    config: RestarterConfig,
+    recent: BoundedTtlMap<Key, RestartRecord>,
 }
 
 impl Restarter {
-    pub fn new(client: Client, dry_run: bool, mode: DedupeMode, retry: RetryPolicy) -> Self {
+    pub fn new(client: Client, config: RestarterConfig) -> Self {
         Self {
+            recent: BoundedTtlMap::new(config.dedupe_window, RECENT_CAPACITY),
             client,
-            dry_run,
-            mode,
-            retry,
+            config,
         }
     }
 
@@ -117,19 +148,20 @@ impl Restarter {
     pub async fn restart(
         &self,
         workload: &WorkloadRef,
-        digest: Option<&str>,
+        push: &Push,
         on_send: impl Fn() + Sync,
     ) -> Result<RestartOutcome, RestartError> {
+        let retry = self.config.retry;
         let backoff = ExponentialBuilder::default()
-            .with_min_delay(self.retry.min_delay)
-            .with_max_delay(self.retry.max_delay)
-            .with_max_times(self.retry.max_times)
+            .with_min_delay(retry.min_delay)
+            .with_max_delay(retry.max_delay)
+            .with_max_times(retry.max_times)
             .with_jitter();
         // Checked against the clock rather than backon's `with_total_delay`, which adds up
         // only its own planned sleeps: a `Retry-After: 60` or slow requests would otherwise
         // keep a message far past the budget and its lease.
-        let deadline = Instant::now() + self.retry.budget;
-        (|| self.restart_once(workload, digest, &on_send))
+        let deadline = Instant::now() + retry.budget;
+        (|| self.restart_once(workload, push, &on_send))
             .retry(backoff)
             .when(RestartError::is_transient)
             .adjust(move |e, planned| {
@@ -141,39 +173,34 @@ impl Restarter {
             .await
     }
 
+    /// One decision and at most one PATCH. A 409 (the workload changed since the view the
+    /// decision was taken on) is transient: the retry decides again on the newer view.
     async fn restart_once(
         &self,
         workload: &WorkloadRef,
-        digest: Option<&str>,
+        push: &Push,
         on_send: &(impl Fn() + Sync),
     ) -> Result<RestartOutcome, RestartError> {
-        let api = self.api(workload);
-        let mut precondition = None;
-        let mut paused = workload.paused;
-        if self.mode == DedupeMode::Cluster {
-            let live = api
-                .get(&workload.name)
-                .await
-                .map_err(|e| RestartError::from_kube(workload, "GET", &e))?;
-            let template_annotations = &live.data["spec"]["template"]["metadata"]["annotations"];
-            if let Some(d) = digest
-                && template_annotations[DIGEST_ANNOTATION].as_str() == Some(d)
-            {
-                return Ok(RestartOutcome::AlreadyAtDigest);
+        let key = key_of(workload);
+        let current = match &self.config.live {
+            Some(live) => live.current(workload),
+            None => Current::Unknown,
+        };
+        let ours = self.recent.get(&key);
+        let precondition = match decide(workload, &current, ours.as_ref(), push, &self.config.scope)
+        {
+            Decision::Skip(skip) => {
+                tracing::info!(%workload, image = %push.image, digest = push.digest.as_deref(), reason = skip.as_str(), "not restarting");
+                return Ok(RestartOutcome::Skipped(skip));
             }
-            paused = live.data["spec"]["paused"].as_bool().unwrap_or(false);
-            precondition = live.metadata.resource_version.clone();
-        }
-        if paused && workload.kind == WorkloadKind::Deployment {
-            tracing::info!(%workload, "not restarting: the Deployment is paused (kubectl refuses it too)");
-            return Ok(RestartOutcome::SkippedPaused);
-        }
+            Decision::Restart { precondition } => precondition,
+        };
         let body = patch_body(
             &crate::util::clock::now_rfc3339(),
-            digest,
+            push,
             precondition.as_deref(),
         );
-        if self.dry_run {
+        if self.config.dry_run {
             tracing::info!(%workload, patch = %body, "dry run: would restart");
             return Ok(RestartOutcome::DryRun);
         }
@@ -182,11 +209,13 @@ impl Restarter {
             ..Default::default()
         };
         let body = Patch::Strategic(&body);
+        let api = self.api(workload);
         let patch = api.patch(&workload.name, &params, &body);
         on_send();
         patch
             .await
             .map_err(|e| RestartError::from_kube(workload, "PATCH", &e))?;
+        self.recent.insert(key, push.record());
         Ok(RestartOutcome::Restarted)
     }
 
@@ -210,18 +239,20 @@ fn retry_delay(class: ErrorClass, planned: Option<Duration>) -> Option<Duration>
     }
 }
 
-/// The strategic-merge patch `kubectl rollout restart` sends, plus the pushed digest and, in
-/// cluster dedupe mode, a resourceVersion precondition (a stale one gets 409 Conflict).
-pub fn patch_body(
-    restarted_at: &str,
-    digest: Option<&str>,
-    resource_version: Option<&str>,
-) -> Value {
+/// The strategic-merge patch `kubectl rollout restart` sends, plus the push it is for (tag,
+/// digest, publish time) and, when the decision was taken on the live view, a resourceVersion
+/// precondition (a stale one gets 409 Conflict).
+pub fn patch_body(restarted_at: &str, push: &Push, resource_version: Option<&str>) -> Value {
     let mut annotations = serde_json::Map::new();
     annotations.insert(RESTARTED_AT_ANNOTATION.into(), Value::from(restarted_at));
-    if let Some(d) = digest {
-        annotations.insert(DIGEST_ANNOTATION.into(), Value::from(d));
+    if let Some(d) = &push.digest {
+        annotations.insert(DIGEST_ANNOTATION.into(), Value::from(d.as_str()));
     }
+    annotations.insert(IMAGE_ANNOTATION.into(), Value::from(push.image.as_str()));
+    annotations.insert(
+        PUBLISHED_AT_ANNOTATION.into(),
+        Value::from(crate::util::clock::format_rfc3339_nanos(push.published_at)),
+    );
     let mut body = json!({"spec": {"template": {"metadata": {"annotations": annotations}}}});
     if let Some(rv) = resource_version {
         body["metadata"] = json!({ "resourceVersion": rv });
@@ -234,17 +265,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn patch_is_what_kubectl_sends() {
-        let body = patch_body("2026-11-25T12:00:00Z", None, None);
+    fn patch_is_what_kubectl_sends_plus_the_push() {
+        let push = Push {
+            image: crate::ingest::image::ImageRef::parse("gcr.io/p/app:v1").unwrap(),
+            digest: Some("sha256:ab".into()),
+            published_at: time::OffsetDateTime::from_unix_timestamp_nanos(
+                1_764_072_000_123_456_789,
+            )
+            .unwrap(),
+        };
+        let body = patch_body("2026-11-25T12:00:00Z", &push, None);
+        let annotations = &body["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(annotations[RESTARTED_AT_ANNOTATION], "2026-11-25T12:00:00Z");
+        assert_eq!(annotations[DIGEST_ANNOTATION], "sha256:ab");
+        assert_eq!(annotations[IMAGE_ANNOTATION], "gcr.io/p/app:v1");
         assert_eq!(
-            body.to_string(),
-            r#"{"spec":{"template":{"metadata":{"annotations":{"kubectl.kubernetes.io/restartedAt":"2026-11-25T12:00:00Z"}}}}}"#
+            annotations[PUBLISHED_AT_ANNOTATION],
+            "2025-11-25T12:00:00.123456789Z"
         );
-        let body = patch_body("t", Some("sha256:ab"), Some("42"));
-        assert_eq!(
-            body["spec"]["template"]["metadata"]["annotations"][DIGEST_ANNOTATION],
-            "sha256:ab"
-        );
+        assert!(body.get("metadata").is_none());
+        let body = patch_body("t", &push, Some("42"));
         assert_eq!(body["metadata"]["resourceVersion"], "42");
     }
 }

@@ -43,12 +43,29 @@ pub async fn client() -> Result<Client, ClusterError> {
 pub async fn client_with_metrics(
     metrics: std::sync::Arc<crate::ops::metrics::Metrics>,
 ) -> Result<Client, ClusterError> {
+    build(metrics, Duration::from_secs(30)).await
+}
+
+/// The client the watches use: like [`client_with_metrics`], but a read may wait as long as a
+/// watch request lasts (kube's runtime watcher asks for 290 s), since an idle watch is silent
+/// between bookmarks. A dead connection is still noticed by its TCP keepalive or a request
+/// timeout, and the watcher resumes from the last resourceVersion it saw.
+pub async fn watch_client(
+    metrics: std::sync::Arc<crate::ops::metrics::Metrics>,
+) -> Result<Client, ClusterError> {
+    build(metrics, Duration::from_secs(295)).await
+}
+
+async fn build(
+    metrics: std::sync::Arc<crate::ops::metrics::Metrics>,
+    read_timeout: Duration,
+) -> Result<Client, ClusterError> {
     let mut config = kube::Config::infer()
         .await
         .map_err(|e| ClusterError::Config(e.to_string()))?;
     config.default_retry = false;
     config.connect_timeout = Some(Duration::from_secs(5));
-    config.read_timeout = Some(Duration::from_secs(30));
+    config.read_timeout = Some(read_timeout);
     config.write_timeout = Some(Duration::from_secs(10));
     let layer = crate::cluster::api_metrics::ApiMetricsLayer::new(metrics);
     Ok(kube::client::ClientBuilder::try_from(config)

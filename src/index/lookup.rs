@@ -14,18 +14,19 @@ use crate::ingest::image::ImageRef;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LookupSource {
+    /// The live view fed by the watch.
+    Watch,
+    /// The snapshot index in memory (the watch is off or has not listed yet).
     Memory,
-    Mount,
-    Api,
+    /// The snapshot index, just rebuilt by a cluster scan for this miss.
     Rebuild,
 }
 
 impl LookupSource {
     pub fn as_str(self) -> &'static str {
         match self {
+            LookupSource::Watch => "watch",
             LookupSource::Memory => "memory",
-            LookupSource::Mount => "mount",
-            LookupSource::Api => "api",
             LookupSource::Rebuild => "rebuild",
         }
     }
@@ -74,15 +75,11 @@ impl SharedIndex {
     }
 }
 
-fn empty() -> Arc<[WorkloadRef]> {
-    Arc::from(Vec::new())
-}
-
 /// Answers from memory only; a miss means no workload runs the image.
 impl Lookup for SharedIndex {
     async fn lookup(&self, image: &ImageRef) -> Result<Hits, LookupError> {
         Ok(Hits {
-            workloads: self.get(image).unwrap_or_else(empty),
+            workloads: self.get(image).unwrap_or_else(|| Arc::from(Vec::new())),
             source: LookupSource::Memory,
         })
     }

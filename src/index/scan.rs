@@ -11,7 +11,9 @@ use serde::de::DeserializeOwned;
 
 use crate::cluster::ClusterError;
 use crate::index::table::{Index, Scope};
-use crate::index::workload::{ENABLED_ANNOTATION, WorkloadKind, WorkloadRef, template_images};
+use crate::index::workload::{
+    ENABLED_ANNOTATION, WorkloadKind, WorkloadRef, enabled, template_images,
+};
 use crate::ingest::image::ImageRef;
 
 /// Page size for LISTs: big enough to keep round trips few, small enough for the API server.
@@ -126,16 +128,10 @@ where
     Ok(())
 }
 
-/// `gar-restarter/enabled: "false"` always opts out; with `--opt-in`, only `"true"` opts in.
 fn wanted(meta: &ObjectMeta, opt_in: bool) -> bool {
     let flag = meta
         .annotations
         .as_ref()
-        .and_then(|a| a.get(ENABLED_ANNOTATION))
-        .map(|v| v.trim().to_ascii_lowercase());
-    match flag.as_deref() {
-        Some("false") => false,
-        Some("true") => true,
-        _ => !opt_in,
-    }
+        .and_then(|a| a.get(ENABLED_ANNOTATION));
+    enabled(flag.map(String::as_str), opt_in)
 }

@@ -3,13 +3,23 @@
 use std::fmt;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::PodSpec;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{PodSpec, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 use crate::ingest::image::ImageRef;
 
 /// Annotation on a workload that opts it out of indexing (and so of restarts).
 pub const ENABLED_ANNOTATION: &str = "gar-restarter/enabled";
+/// Pod-template annotations our restart PATCH writes, read back through the watch: which
+/// push the workload was last restarted for. They make dedupe and the out-of-order guard
+/// exact across replicas and restarts, at no API cost.
+pub const DIGEST_ANNOTATION: &str = "gar-restarter/digest";
+pub const PUBLISHED_AT_ANNOTATION: &str = "gar-restarter/published-at";
+pub const IMAGE_ANNOTATION: &str = "gar-restarter/image";
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
@@ -86,6 +96,212 @@ impl WorkloadRef {
 impl fmt::Display for WorkloadRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// The push a workload was last restarted for, as its pod template records it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestartRecord {
+    /// The pushed tag (`gar-restarter/image`), normalised.
+    pub image: Option<String>,
+    pub digest: Option<String>,
+    /// The event's publish time (`gar-restarter/published-at`).
+    pub published_at: Option<OffsetDateTime>,
+}
+
+impl RestartRecord {
+    fn from_annotations(annotations: Option<&std::collections::BTreeMap<String, String>>) -> Self {
+        let get = |k: &str| annotations.and_then(|a| a.get(k)).map(|v| v.trim());
+        Self {
+            image: get(IMAGE_ANNOTATION)
+                .and_then(|v| ImageRef::parse(v).ok())
+                .map(|r| r.as_str().to_string()),
+            digest: get(DIGEST_ANNOTATION).map(str::to_string),
+            published_at: get(PUBLISHED_AT_ANNOTATION)
+                .and_then(|v| OffsetDateTime::parse(v, &Rfc3339).ok()),
+        }
+    }
+}
+
+/// Whether a `gar-restarter/enabled` value lets a workload be restarted: `"false"` always
+/// opts out; with `--opt-in`, only `"true"` opts in.
+pub fn enabled(flag: Option<&str>, opt_in: bool) -> bool {
+    match flag.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        Some("false") => false,
+        Some("true") => true,
+        _ => !opt_in,
+    }
+}
+
+/// One container's image as the pod template has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerImage {
+    pub container: String,
+    pub init: bool,
+    /// The normalised tag reference; `None` for digest-pinned or unparseable images.
+    pub image: Option<ImageRef>,
+    pub pull_policy: Option<String>,
+}
+
+/// Rollout progress, as the workload's status reports it (kubectl `rollout status` inputs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RolloutStatus {
+    pub observed_generation: i64,
+    pub replicas: i32,
+    pub updated_replicas: i32,
+    pub available_replicas: i32,
+}
+
+/// What the daemon keeps of one live workload: only what its decisions need, not the object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadState {
+    pub workload: WorkloadRef,
+    pub containers: Vec<ContainerImage>,
+    /// Deployment `spec.paused` (kubectl refuses to restart a paused Deployment).
+    pub paused: bool,
+    /// The workload's own `gar-restarter/enabled` annotation, raw, judged with `--opt-in`.
+    pub annotations_enabled: Option<String>,
+    pub last_restart: RestartRecord,
+    /// The object's resourceVersion when seen: the PATCH precondition, so that a decision
+    /// taken on a stale view fails with 409 and is taken again.
+    pub resource_version: Option<String>,
+    pub generation: i64,
+    pub status: RolloutStatus,
+}
+
+impl WorkloadState {
+    /// Whether `--opt-in`/`gar-restarter/enabled` allow restarting it.
+    pub fn enabled(&self, opt_in: bool) -> bool {
+        enabled(self.annotations_enabled.as_deref(), opt_in)
+    }
+
+    /// Distinct tag references the pod template runs (containers and init containers).
+    pub fn images(&self) -> Vec<ImageRef> {
+        let mut out: Vec<ImageRef> = Vec::new();
+        for c in &self.containers {
+            if let Some(i) = &c.image
+                && !out.contains(i)
+            {
+                out.push(i.clone());
+            }
+        }
+        out
+    }
+
+    fn from_parts(
+        kind: WorkloadKind,
+        meta: &ObjectMeta,
+        template: &PodTemplateSpec,
+        paused: bool,
+        status: RolloutStatus,
+    ) -> Option<Self> {
+        let namespace = meta.namespace.as_deref()?;
+        let name = meta.name.as_deref()?;
+        let mut workload = WorkloadRef::new(kind, namespace, name);
+        workload.paused = paused;
+        let containers = template
+            .spec
+            .iter()
+            .flat_map(|s| {
+                let init = s.init_containers.iter().flatten().map(|c| (c, true));
+                s.containers.iter().map(|c| (c, false)).chain(init)
+            })
+            .map(|(c, init)| ContainerImage {
+                container: c.name.clone(),
+                init,
+                image: c
+                    .image
+                    .as_deref()
+                    .and_then(|i| ImageRef::parse(i).ok())
+                    .filter(|r| r.tag().is_some()),
+                pull_policy: c.image_pull_policy.clone(),
+            })
+            .collect();
+        Some(Self {
+            workload,
+            containers,
+            paused,
+            annotations_enabled: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ENABLED_ANNOTATION))
+                .cloned(),
+            last_restart: RestartRecord::from_annotations(
+                template
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.annotations.as_ref()),
+            ),
+            resource_version: meta.resource_version.clone(),
+            generation: meta.generation.unwrap_or(0),
+            status,
+        })
+    }
+}
+
+/// A workload kind the live view watches.
+pub trait Workload:
+    kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    const KIND: WorkloadKind;
+    /// `None` for an object without a namespace or name (never served by a real API server).
+    fn state(&self) -> Option<WorkloadState>;
+}
+
+impl Workload for Deployment {
+    const KIND: WorkloadKind = WorkloadKind::Deployment;
+    fn state(&self) -> Option<WorkloadState> {
+        let spec = self.spec.as_ref()?;
+        let st = self.status.as_ref();
+        let status = RolloutStatus {
+            observed_generation: st.and_then(|s| s.observed_generation).unwrap_or(0),
+            replicas: st.and_then(|s| s.replicas).unwrap_or(0),
+            updated_replicas: st.and_then(|s| s.updated_replicas).unwrap_or(0),
+            available_replicas: st.and_then(|s| s.available_replicas).unwrap_or(0),
+        };
+        WorkloadState::from_parts(
+            Self::KIND,
+            &self.metadata,
+            &spec.template,
+            spec.paused.unwrap_or(false),
+            status,
+        )
+    }
+}
+
+impl Workload for StatefulSet {
+    const KIND: WorkloadKind = WorkloadKind::StatefulSet;
+    fn state(&self) -> Option<WorkloadState> {
+        let spec = self.spec.as_ref()?;
+        let st = self.status.as_ref();
+        let status = RolloutStatus {
+            observed_generation: st.and_then(|s| s.observed_generation).unwrap_or(0),
+            replicas: st.map(|s| s.replicas).unwrap_or(0),
+            updated_replicas: st.and_then(|s| s.updated_replicas).unwrap_or(0),
+            available_replicas: st.and_then(|s| s.available_replicas).unwrap_or(0),
+        };
+        WorkloadState::from_parts(Self::KIND, &self.metadata, &spec.template, false, status)
+    }
+}
+
+impl Workload for DaemonSet {
+    const KIND: WorkloadKind = WorkloadKind::DaemonSet;
+    fn state(&self) -> Option<WorkloadState> {
+        let spec = self.spec.as_ref()?;
+        let st = self.status.as_ref();
+        let status = RolloutStatus {
+            observed_generation: st.and_then(|s| s.observed_generation).unwrap_or(0),
+            replicas: st.map(|s| s.desired_number_scheduled).unwrap_or(0),
+            updated_replicas: st.and_then(|s| s.updated_number_scheduled).unwrap_or(0),
+            available_replicas: st.and_then(|s| s.number_available).unwrap_or(0),
+        };
+        WorkloadState::from_parts(Self::KIND, &self.metadata, &spec.template, false, status)
     }
 }
 

@@ -33,6 +33,12 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    /// The resource watched: deployments, statefulsets or daemonsets.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
     pub source: &'static str,
 }
@@ -98,6 +104,10 @@ pub struct Metrics {
     /// subscription): attempts are then counted per process and forgotten on restart.
     pub attempts_counted_per_process: Gauge,
     pub build_info: Family<BuildLabels, Gauge>,
+    pub watch_events: Family<StreamLabels, Counter>,
+    pub watch_errors: Family<StreamLabels, Counter>,
+    /// 1 once every watch stream has listed: lookups and decisions use the live view.
+    pub watch_synced: Gauge,
 }
 
 impl Default for Metrics {
@@ -131,6 +141,9 @@ impl Metrics {
             in_flight: Gauge::default(),
             attempts_counted_per_process: Gauge::default(),
             build_info: Family::default(),
+            watch_events: Family::default(),
+            watch_errors: Family::default(),
+            watch_synced: Gauge::default(),
             registry: Registry::default(),
         };
         for action in ACTIONS {
@@ -141,6 +154,10 @@ impl Metrics {
         }
         for kind in DEAD_LETTER_KINDS {
             let _ = m.dead_letters.get_or_create(&KindLabels { kind });
+        }
+        for kind in ["deployments", "statefulsets", "daemonsets"] {
+            let _ = m.watch_events.get_or_create(&StreamLabels { kind });
+            let _ = m.watch_errors.get_or_create(&StreamLabels { kind });
         }
         for result in REBUILD_RESULTS {
             let _ = m.rebuilds.get_or_create(&ResultLabels { result });
@@ -190,6 +207,21 @@ impl Metrics {
             "receive_to_patch_seconds",
             "From the start of a message's processing to its first restart PATCH being handed to the Kubernetes client (the daemon's own share of the latency)",
             m.receive_to_patch_seconds.clone(),
+        );
+        registry.register(
+            "watch_events",
+            "Watch events applied to the live view, by resource",
+            m.watch_events.clone(),
+        );
+        registry.register(
+            "watch_errors",
+            "Watch failures (each retried with backoff), by resource",
+            m.watch_errors.clone(),
+        );
+        registry.register(
+            "watch_synced",
+            "1 once every watch stream has listed and the live view is complete",
+            m.watch_synced.clone(),
         );
         registry.register(
             "index_images",

@@ -166,13 +166,11 @@ async fn settle_in_span<H: AckHandle, D: DeadLetterSink>(
 mod tests {
     use std::collections::HashMap;
     use std::sync::Mutex;
-    use std::time::Duration;
 
     use bytes::Bytes;
 
     use super::*;
-    use crate::act::restart::{Restarter, RetryPolicy};
-    use crate::config::DedupeMode;
+    use crate::act::restart::{Restarter, RestarterConfig};
     use crate::index::lookup::SharedIndex;
     use crate::pipeline::{Pipeline, PipelineConfig};
     use crate::settle::deadletter::{ATTR_REASON, ATTR_TRUNCATED, PublishError};
@@ -207,12 +205,9 @@ mod tests {
         let client = kube::Client::try_from(config).unwrap();
         Pipeline::new(
             Arc::new(SharedIndex::default()),
-            Restarter::new(client, false, DedupeMode::Memory, RetryPolicy::default()),
+            Restarter::new(client, RestarterConfig::default()),
             Arc::new(Metrics::new()),
-            PipelineConfig {
-                max_attempts: 5,
-                dedupe_window: Duration::from_secs(60),
-            },
+            PipelineConfig { max_attempts: 5 },
         )
     }
 

@@ -15,6 +15,14 @@ pub fn format_rfc3339(t: OffsetDateTime) -> String {
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
+/// RFC 3339 in UTC with the full sub-second precision: publish times of pushes a few
+/// milliseconds apart must keep their order.
+pub fn format_rfc3339_nanos(t: OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,12 +5,15 @@
 //! * Miss: at most one rebuild per `--min-rebuild-interval`, shared by every concurrent miss
 //!   (single flight); refs still unknown afterwards are negatively cached until the next
 //!   rebuild. A storm of pushes for images nobody runs costs one LIST sweep.
-//! * Freshness: a rebuild every `--refresh-interval`, and the mount reloaded on every swap.
+//! * Freshness: with the watch, lookups go to the live view once it has listed (a miss is
+//!   then authoritative: no rebuild), and the view is written back here every
+//!   `--snapshot-interval` when it changed. Without it, a rebuild every `--refresh-interval`.
+//!   The mount is reloaded on every kubelet swap either way.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kube::Client;
@@ -20,6 +23,7 @@ use crate::cluster::ClusterError;
 use crate::config::ObjectName;
 use crate::index::cache::mount::{self, MountState};
 use crate::index::cache::store::{Store, StoreError, Written};
+use crate::index::live::LiveView;
 use crate::index::lookup::{Hits, Lookup, LookupError, LookupSource, SharedIndex};
 use crate::index::scan;
 use crate::index::table::{Index, Scope};
@@ -36,6 +40,8 @@ pub enum Origin {
     Mount = 1,
     Api = 2,
     Rebuild = 3,
+    /// A snapshot of the live view.
+    Watch = 4,
 }
 
 impl Origin {
@@ -44,6 +50,7 @@ impl Origin {
             1 => Origin::Mount,
             2 => Origin::Api,
             3 => Origin::Rebuild,
+            4 => Origin::Watch,
             _ => Origin::None,
         }
     }
@@ -54,6 +61,7 @@ impl Origin {
             Origin::Mount => "mount",
             Origin::Api => "api",
             Origin::Rebuild => "rebuild",
+            Origin::Watch => "watch",
         }
     }
 }
@@ -103,6 +111,8 @@ struct Inner {
     mount_seen: Mutex<Option<(mount::Fingerprint, bool)>>,
     /// Serialises ConfigMap writes from this process.
     write_lock: tokio::sync::Mutex<()>,
+    /// The watch-fed view, once the daemon has started one.
+    live: OnceLock<Arc<LiveView>>,
 }
 
 impl CacheChain {
@@ -122,6 +132,7 @@ impl CacheChain {
                 negative: Mutex::new(HashSet::new()),
                 mount_seen: Mutex::new(None),
                 write_lock: tokio::sync::Mutex::new(()),
+                live: OnceLock::new(),
             }),
         }
     }
@@ -324,12 +335,22 @@ impl CacheChain {
         Ok(self.inner.store.write(&index).await?)
     }
 
-    /// Background work: reload the mount on kubelet swaps and rebuild periodically.
-    pub fn spawn_background(&self, shutdown: CancellationToken) {
+    /// Background work: reload the mount on kubelet swaps; then either write the live view
+    /// back every `snapshot_interval` (with a watch) or rebuild every `--refresh-interval`.
+    pub fn spawn_background(
+        &self,
+        live: Option<(Arc<LiveView>, Duration)>,
+        shutdown: CancellationToken,
+    ) {
         let this = self.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move { this.watch_mount(stop).await });
         let this = self.clone();
+        if let Some((live, interval)) = live {
+            let _ = self.inner.live.set(live.clone());
+            tokio::spawn(async move { this.write_snapshots(live, interval, shutdown).await });
+            return;
+        }
         tokio::spawn(async move {
             let period = this.inner.config.refresh_interval;
             loop {
@@ -342,6 +363,37 @@ impl CacheChain {
                 }
             }
         });
+    }
+
+    /// Stores the live view as the snapshot, at most every `interval` and only when it
+    /// changed: the next start-up (this replica's or another's) then begins from it. Replicas
+    /// racing on the ConfigMap converge as for rebuilds (the newer `generatedAt` wins).
+    async fn write_snapshots(
+        &self,
+        live: Arc<LiveView>,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut written = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let changes = live.changes();
+            if !live.is_synced() || written == Some(changes) {
+                continue;
+            }
+            let index = live.snapshot(
+                self.inner.config.scope.clone(),
+                crate::util::clock::now_rfc3339(),
+            );
+            self.swap(index, Origin::Watch);
+            written = Some(changes);
+            if self.inner.config.store_rebuilds {
+                self.write_current().await;
+            }
+        }
     }
 
     async fn watch_mount(&self, shutdown: CancellationToken) {
@@ -423,6 +475,17 @@ fn release_freed_memory() {
 
 impl Lookup for CacheChain {
     async fn lookup(&self, image: &ImageRef) -> Result<Hits, LookupError> {
+        // The live view answers once it has listed, a miss included; until then (bounded by
+        // `--watch-sync-timeout` from start-up) this waits for it, then uses the snapshot.
+        if let Some(live) = self.inner.live.get()
+            && live.wait_synced().await
+            && let Some(workloads) = live.lookup(image)
+        {
+            return Ok(Hits {
+                workloads,
+                source: LookupSource::Watch,
+            });
+        }
         if let Some(w) = self.inner.index.get(image) {
             return Ok(Self::hits(Some(w), LookupSource::Memory));
         }
