@@ -5,7 +5,7 @@
 //! Bounded: about a minute after the build. Prints one table.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -31,41 +31,32 @@ const RATE_PER_SEC: u64 = 40;
 const BURST: usize = 1_000;
 const STARTS: usize = 5;
 
-const HELP: &str = "\
-cargo xtask bench [--binary PATH]
+/// End-to-end figures for the release binary: push→PATCH latency, the daemon's own
+/// latency, throughput, API calls per event, RSS, start-up time, binary size.
+///
+/// Builds the release binaries and prints end-to-end figures: push→PATCH latency on pstest,
+/// the daemon's own receive→PATCH latency, throughput, API calls per event, RSS with 10,000
+/// workloads indexed, start-up time and binary size. Loopback only; stops by itself in about
+/// a minute after the build. See BENCHMARKS.md.
+///
+/// The measuring side (fake Kubernetes API, publisher) runs from the release build of xtask,
+/// so that an unoptimised harness does not inflate the daemon's figures.
+#[derive(Debug, clap::Parser)]
+pub struct Args {
+    /// Measure this gar-restarter binary instead of the one just built (e.g. a copy built
+    /// with other profile settings).
+    #[arg(long, value_name = "PATH")]
+    binary: Option<PathBuf>,
+    /// Internal: the optimised xtask re-run by the debug one, after the build.
+    #[arg(long, hide = true)]
+    measure_only: bool,
+}
 
-Builds the release binaries and prints end-to-end figures: push→PATCH latency on pstest,
-the daemon's own receive→PATCH latency, throughput, API calls per event, RSS with 10,000
-workloads indexed, start-up time and binary size. Loopback only; stops by itself in about
-a minute after the build.
-
-The measuring side (fake Kubernetes API, publisher) runs from the release build of xtask,
-so that an unoptimised harness does not inflate the daemon's figures.
-
-Options:
-  --binary PATH   measure this gar-restarter binary instead of the one just built
-                  (e.g. a copy built with other profile settings)";
-
-pub fn run(args: &[String]) -> Result<()> {
-    let mut binary = None;
-    let mut measure_only = false;
-    let mut iter = args.iter();
-    while let Some(arg) = iter.next() {
-        match arg.as_str() {
-            "-h" | "--help" => {
-                println!("{HELP}");
-                return Ok(());
-            }
-            "--binary" => {
-                binary = Some(std::path::PathBuf::from(
-                    iter.next().context("--binary needs a path")?,
-                ))
-            }
-            // Internal: the optimised xtask re-run by the debug one, after the build.
-            "--measure-only" => measure_only = true,
-            other => bail!("unknown argument {other:?} for `bench`\n\n{HELP}"),
-        }
-    }
+pub fn run(args: Args) -> Result<()> {
+    let Args {
+        binary,
+        measure_only,
+    } = args;
     let root = util::repo_root();
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(Into::into)

@@ -18,22 +18,25 @@ use serde_json::{Value, json};
 
 use crate::util::{self, Steps, cargo, secs};
 
-pub const HELP: &str = "\
-cargo xtask demo [--keep]
-
-Builds gar-restarter, starts the pstest emulator (or uses $PUBSUB_EMULATOR_HOST)
-and a fake Kubernetes API seeded with sample workloads, runs the daemon against
-both, publishes five sample GAR events and reports which workloads were
-restarted and why the others were not. Exits non-zero if the outcome differs
-from the expected one.
-
-With PUBSUB_EMULATOR_HOST set, that emulator must already have the topics
-projects/demo-project/topics/{gcr,gcr-dead-letter} and the subscriptions
-gcr-restarter (on gcr) and gcr-dead-letter-sub (on gcr-dead-letter); start one
-with `cargo xtask emulator --project demo-project`.
-
-Options:
-  --keep   keep the temporary directory (daemon log, kubeconfig) afterwards";
+/// The real daemon against pstest and a fake Kubernetes API, fed sample GAR events;
+/// reports what was restarted and why.
+///
+/// Builds gar-restarter, starts the pstest emulator (or uses $PUBSUB_EMULATOR_HOST)
+/// and a fake Kubernetes API seeded with sample workloads, runs the daemon against
+/// both, publishes five sample GAR events and reports which workloads were
+/// restarted and why the others were not. Exits non-zero if the outcome differs
+/// from the expected one.
+///
+/// With PUBSUB_EMULATOR_HOST set, that emulator must already have the topics
+/// projects/demo-project/topics/{gcr,gcr-dead-letter} and the subscriptions
+/// gcr-restarter (on gcr) and gcr-dead-letter-sub (on gcr-dead-letter); start one
+/// with `cargo xtask emulator --project demo-project`.
+#[derive(Debug, clap::Parser)]
+pub struct Args {
+    /// Keep the temporary directory (daemon log, kubeconfig) afterwards.
+    #[arg(long)]
+    keep: bool,
+}
 
 const PROJECT: &str = "demo-project";
 const TOPIC: &str = "gcr";
@@ -261,28 +264,7 @@ fn samples() -> Vec<Sample> {
     ]
 }
 
-#[derive(Debug, PartialEq)]
-struct Options {
-    keep: bool,
-}
-
-fn parse(args: &[String]) -> Result<Option<Options>> {
-    let mut opts = Options { keep: false };
-    for arg in args {
-        match arg.as_str() {
-            "--keep" => opts.keep = true,
-            "-h" | "--help" => return Ok(None),
-            other => bail!("unknown argument {other:?} for `demo`\n\n{HELP}"),
-        }
-    }
-    Ok(Some(opts))
-}
-
-pub fn run(args: &[String]) -> Result<()> {
-    let Some(opts) = parse(args)? else {
-        println!("{HELP}");
-        return Ok(());
-    };
+pub fn run(opts: Args) -> Result<()> {
     let external = std::env::var("PUBSUB_EMULATOR_HOST")
         .ok()
         .filter(|h| !h.is_empty());
@@ -393,7 +375,7 @@ impl Running {
     }
 }
 
-async fn scenario(daemon_bin: &Path, external: Option<String>, opts: &Options) -> Result<()> {
+async fn scenario(daemon_bin: &Path, external: Option<String>, opts: &Args) -> Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let started = Instant::now();
 
@@ -941,11 +923,9 @@ mod tests {
 
     #[test]
     fn parses_options() {
-        assert_eq!(parse(&[]).unwrap(), Some(Options { keep: false }));
-        assert_eq!(
-            parse(&["--keep".to_owned()]).unwrap(),
-            Some(Options { keep: true })
-        );
-        assert!(parse(&["x".to_owned()]).is_err());
+        use clap::Parser;
+        assert!(!Args::try_parse_from(["demo"]).unwrap().keep);
+        assert!(Args::try_parse_from(["demo", "--keep"]).unwrap().keep);
+        assert!(Args::try_parse_from(["demo", "x"]).is_err());
     }
 }
