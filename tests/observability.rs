@@ -326,7 +326,7 @@ async fn not_ready_without_a_subscription_and_quiet_without_an_exporter() {
         .to_vec();
     // No exporter: the harness removes OTEL_EXPORTER_OTLP_ENDPOINT; clear the traces one too.
     h.extra_env = vec![("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT".into(), String::new())];
-    h.daemon = Some(h.daemon_command().spawn().expect("spawn gar-restarter"));
+    h.spawn_daemon();
 
     let deadline = Instant::now() + Duration::from_secs(30);
     while !matches!(get(h.metrics_addr, "/healthz"), Some((200, _, _))) {

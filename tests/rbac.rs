@@ -129,7 +129,7 @@ async fn each_rule_taken_away_is_a_clear_403() {
         let removed = grant.rule(&rule).cloned();
         let mut h = Harness::real_with("base", |g| g.without(&rule)).await;
         h.api.insert(deployment("prod", "web", &[&gar("app:v1")]));
-        h.daemon = Some(h.daemon_command().spawn().expect("spawn"));
+        h.spawn_daemon();
         let id = h.publish(&insert("app:v1", HEX_A)).await;
         assert!(
             wait_until(Duration::from_secs(30), || {

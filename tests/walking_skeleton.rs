@@ -194,7 +194,7 @@ async fn not_ready_while_pubsub_is_unreachable() {
         "PUBSUB_EMULATOR_HOST".into(),
         format!("127.0.0.1:{}", free_port()),
     ));
-    h.daemon = Some(h.daemon_command().spawn().expect("spawn"));
+    h.spawn_daemon();
     assert!(
         wait_until(Duration::from_secs(10), || matches!(
             http_get(h.metrics_addr, "/healthz"),

@@ -7,15 +7,21 @@ pub mod backend;
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
+use std::ops::Deref;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use gar_testsupport::daemon::{Daemon, DaemonSpec, free_addr};
 use gar_testsupport::emulator::Emulator;
 use gar_testsupport::kube_api::KubeApi;
 
 pub use backend::TestApi;
+/// Minimal HTTP/1.1 GET; returns (status, body).
+#[allow(unused_imports)] // not every test binary probes by hand
+pub use gar_testsupport::http::get_status_body as http_get;
+pub use gar_testsupport::metrics::value as metric_value;
 pub use gar_testsupport::traffic::Recording;
 use google_cloud_pubsub::client::{BasePublisher, Publisher, Subscriber};
 use google_cloud_pubsub::model::Message;
@@ -53,17 +59,14 @@ pub fn init_crypto() {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    free_addr().expect("free port").port()
 }
 
 pub struct Harness {
     pub emulator: Emulator,
     pub api: TestApi,
     pub dir: tempfile::TempDir,
-    pub daemon: Option<Child>,
+    pub daemon: Option<Daemon>,
     pub metrics_addr: SocketAddr,
     pub extra_args: Vec<String>,
     pub extra_env: Vec<(String, String)>,
@@ -124,51 +127,37 @@ impl Harness {
         self.dir.path().join("cache")
     }
 
-    pub fn daemon_command(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gar-restarter"));
-        cmd.arg("run")
-            .arg("--subscription")
-            .arg(self.subscription())
-            .arg("--dead-letter-topic")
-            .arg(self.dlq_topic())
-            .arg("--metrics-addr")
-            .arg(self.metrics_addr.to_string())
-            .arg("--cache-dir")
-            .arg(self.cache_dir())
-            .arg("--cache-configmap")
-            .arg("gar-restarter/gar-restarter-cache")
-            .arg("--log-format")
-            .arg("text")
-            .args(&self.extra_args)
-            .env("PUBSUB_EMULATOR_HOST", self.emulator.host())
-            .env("KUBECONFIG", self.dir.path().join("kubeconfig"))
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env(
-                "RUST_LOG",
-                std::env::var("GAR_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .envs(self.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::from(self.log_file()))
-            .stderr(Stdio::from(self.log_file()));
-        cmd
-    }
-
-    fn log_file(&self) -> std::fs::File {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("daemon.log"))
-            .expect("daemon log")
+    /// How the harness runs `gar-restarter run`: against its emulator and API, with
+    /// `extra_args` and `extra_env`, logging to `daemon.log`.
+    pub fn daemon_spec(&self) -> DaemonSpec {
+        DaemonSpec {
+            binary: env!("CARGO_BIN_EXE_gar-restarter").into(),
+            pubsub_host: self.emulator.host(),
+            subscription: self.subscription(),
+            dead_letter_topic: self.dlq_topic(),
+            kubeconfig: self.dir.path().join("kubeconfig"),
+            cache_dir: self.cache_dir(),
+            metrics_addr: self.metrics_addr,
+            log: self.dir.path().join("daemon.log"),
+            log_filter: std::env::var("GAR_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            args: self.extra_args.clone(),
+            env: self.extra_env.clone(),
+        }
     }
 
     pub fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
+    /// Starts the daemon without waiting for it.
+    pub fn spawn_daemon(&mut self) {
+        let daemon = Daemon::spawn(&self.daemon_spec()).expect("spawn gar-restarter");
+        self.daemon = Some(daemon);
+    }
+
     /// Starts the daemon and waits for /readyz.
     pub async fn start_daemon(&mut self) {
-        let child = self.daemon_command().spawn().expect("spawn gar-restarter");
-        self.daemon = Some(child);
+        self.spawn_daemon();
         self.wait_ready(Duration::from_secs(30)).await;
         // A start-up rebuild writes the cache ConfigMap in the background; let it land so
         // tests that count requests start from a quiet API.
@@ -184,49 +173,20 @@ impl Harness {
     }
 
     pub async fn wait_ready(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(child) = self.daemon.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                panic!("daemon exited early with {status}\n{}", self.daemon_log());
-            }
-            if let Some((200, _)) = http_get(self.metrics_addr, "/readyz") {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!("daemon not ready after {timeout:?}\n{}", self.daemon_log());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let daemon = self.daemon.as_mut().expect("the daemon was started");
+        if let Err(e) = daemon.wait_ready(timeout).await {
+            panic!("{e}\n{}", daemon.log());
         }
     }
 
+    /// SIGKILL, without a drain.
     pub fn kill_daemon(&mut self) {
-        if let Some(mut child) = self.daemon.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.daemon.take();
     }
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate_daemon(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let mut child = self.daemon.take()?;
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.daemon.take()?.terminate(timeout)
     }
 
     pub async fn publisher(&mut self) -> &Publisher {
@@ -284,10 +244,9 @@ impl Harness {
         .await
     }
 
+    /// /metrics of the harness' daemon (empty while none runs).
     pub fn metrics(&self) -> String {
-        http_get(self.metrics_addr, "/metrics")
-            .map(|(_, body)| body)
-            .unwrap_or_default()
+        gar_testsupport::metrics::scrape(self.metrics_addr)
     }
 
     /// The value of one sample line in /metrics, e.g. `gar_restarter_events_settled_total{outcome="ack"}`.
@@ -309,15 +268,6 @@ impl Drop for Harness {
             eprintln!("--- daemon log ---\n{}", self.daemon_log());
         }
     }
-}
-
-pub fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
 }
 
 /// Pulls up to `n` messages from a subscription, acking each.
@@ -356,11 +306,6 @@ pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     cond()
-}
-
-/// Minimal HTTP/1.1 GET; returns (status, body).
-pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    gar_testsupport::http::get_status_body(addr, path)
 }
 
 /// `kubectl.kubernetes.io/restartedAt` and `gar-restarter/digest` of a workload's template.
@@ -457,53 +402,22 @@ pub async fn topic_publisher(emulator_endpoint: &str, topic: &str) -> Publisher 
 /// A second `gar-restarter run` sharing the harness' emulator, API and subscription, with its
 /// own metrics port and log file. Killed (SIGKILL) on drop.
 pub struct ExtraDaemon {
-    pub child: Option<Child>,
-    pub metrics_addr: SocketAddr,
-    pub log_path: PathBuf,
+    pub daemon: Daemon,
 }
 
-impl ExtraDaemon {
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
+impl Deref for ExtraDaemon {
+    type Target = Daemon;
 
-    pub fn metrics(&self) -> String {
-        http_get(self.metrics_addr, "/metrics")
-            .map(|(_, body)| body)
-            .unwrap_or_default()
-    }
-
-    pub fn metric(&self, series: &str) -> f64 {
-        metric_value(&self.metrics(), series)
-    }
-
-    pub async fn wait_ready(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                panic!("extra daemon exited early with {status}\n{}", self.log());
-            }
-            if let Some((200, _)) = http_get(self.metrics_addr, "/readyz") {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!("extra daemon not ready after {timeout:?}\n{}", self.log());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    fn deref(&self) -> &Daemon {
+        &self.daemon
     }
 }
 
 impl Drop for ExtraDaemon {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.daemon.kill();
         if std::thread::panicking() {
-            eprintln!("--- extra daemon log ---\n{}", self.log());
+            eprintln!("--- extra daemon log ---\n{}", self.daemon.log());
         }
     }
 }
@@ -546,7 +460,7 @@ impl Harness {
             api,
             dir,
             daemon: None,
-            metrics_addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            metrics_addr: free_addr().expect("free port"),
             extra_args: Vec::new(),
             extra_env: Vec::new(),
             publisher: None,
@@ -556,29 +470,16 @@ impl Harness {
     /// Starts another daemon on the same subscription (active-active replicas) and waits until
     /// it is ready. `extra_args` of the harness apply to it too.
     pub async fn spawn_extra_daemon(&self, name: &str) -> ExtraDaemon {
-        let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let log_path = self.dir.path().join(format!("{name}.log"));
-        let log = || {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-                .expect("extra daemon log")
+        let spec = DaemonSpec {
+            metrics_addr: free_addr().expect("free port"),
+            log: self.dir.path().join(format!("{name}.log")),
+            ..self.daemon_spec()
         };
-        let mut cmd = self.daemon_command();
-        // Later flags win (`args_override_self`), so these replace the harness' own.
-        cmd.arg("--metrics-addr")
-            .arg(metrics_addr.to_string())
-            .stdout(Stdio::from(log()))
-            .stderr(Stdio::from(log()));
-        let child = cmd.spawn().expect("spawn extra gar-restarter");
-        let mut daemon = ExtraDaemon {
-            child: Some(child),
-            metrics_addr,
-            log_path,
-        };
-        daemon.wait_ready(Duration::from_secs(30)).await;
-        daemon
+        let mut daemon = Daemon::spawn(&spec).expect("spawn extra gar-restarter");
+        if let Err(e) = daemon.wait_ready(Duration::from_secs(30)).await {
+            panic!("extra daemon: {e}\n{}", daemon.log());
+        }
+        ExtraDaemon { daemon }
     }
 
     /// Publishes, retrying for up to `timeout` (the publisher reconnects after an emulator

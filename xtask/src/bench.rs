@@ -5,15 +5,16 @@
 //! Bounded: about a minute after the build. Prints one table.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use gar_testsupport::daemon::{Daemon, DaemonSpec, free_addr};
 use gar_testsupport::emulator::Emulator;
 use gar_testsupport::fake_api::{FakeApi, Recording, daemonset, deployment, statefulset};
 use gar_testsupport::fixtures;
+use gar_testsupport::metrics::histogram_quantile;
 use google_cloud_pubsub::client::BasePublisher;
 use google_cloud_pubsub::model::Message;
 
@@ -30,41 +31,32 @@ const RATE_PER_SEC: u64 = 40;
 const BURST: usize = 1_000;
 const STARTS: usize = 5;
 
-const HELP: &str = "\
-cargo xtask bench [--binary PATH]
+/// End-to-end figures for the release binary: push→PATCH latency, the daemon's own
+/// latency, throughput, API calls per event, RSS, start-up time, binary size.
+///
+/// Builds the release binaries and prints end-to-end figures: push→PATCH latency on pstest,
+/// the daemon's own receive→PATCH latency, throughput, API calls per event, RSS with 10,000
+/// workloads indexed, start-up time and binary size. Loopback only; stops by itself in about
+/// a minute after the build. See BENCHMARKS.md.
+///
+/// The measuring side (fake Kubernetes API, publisher) runs from the release build of xtask,
+/// so that an unoptimised harness does not inflate the daemon's figures.
+#[derive(Debug, clap::Parser)]
+pub struct Args {
+    /// Measure this gar-restarter binary instead of the one just built (e.g. a copy built
+    /// with other profile settings).
+    #[arg(long, value_name = "PATH")]
+    binary: Option<PathBuf>,
+    /// Internal: the optimised xtask re-run by the debug one, after the build.
+    #[arg(long, hide = true)]
+    measure_only: bool,
+}
 
-Builds the release binaries and prints end-to-end figures: push→PATCH latency on pstest,
-the daemon's own receive→PATCH latency, throughput, API calls per event, RSS with 10,000
-workloads indexed, start-up time and binary size. Loopback only; stops by itself in about
-a minute after the build.
-
-The measuring side (fake Kubernetes API, publisher) runs from the release build of xtask,
-so that an unoptimised harness does not inflate the daemon's figures.
-
-Options:
-  --binary PATH   measure this gar-restarter binary instead of the one just built
-                  (e.g. a copy built with other profile settings)";
-
-pub fn run(args: &[String]) -> Result<()> {
-    let mut binary = None;
-    let mut measure_only = false;
-    let mut iter = args.iter();
-    while let Some(arg) = iter.next() {
-        match arg.as_str() {
-            "-h" | "--help" => {
-                println!("{HELP}");
-                return Ok(());
-            }
-            "--binary" => {
-                binary = Some(std::path::PathBuf::from(
-                    iter.next().context("--binary needs a path")?,
-                ))
-            }
-            // Internal: the optimised xtask re-run by the debug one, after the build.
-            "--measure-only" => measure_only = true,
-            other => bail!("unknown argument {other:?} for `bench`\n\n{HELP}"),
-        }
-    }
+pub fn run(args: Args) -> Result<()> {
+    let Args {
+        binary,
+        measure_only,
+    } = args;
     let root = util::repo_root();
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(Into::into)
@@ -95,74 +87,33 @@ pub fn run(args: &[String]) -> Result<()> {
     rt.block_on(bench(&binary, size))
 }
 
-struct Daemon {
-    child: Child,
-    metrics: SocketAddr,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_addr() -> Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-fn start_daemon(
+/// Spawns the daemon and waits for /readyz, asking every 2 ms so that the start-up time is
+/// measured closely; returns it with the time from spawn to ready.
+async fn start_daemon(
     binary: &Path,
     emu: &Emulator,
     kubeconfig: &Path,
     cache: &Path,
     log: &Path,
 ) -> Result<(Daemon, Duration)> {
-    let metrics = free_addr()?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    let started = Instant::now();
-    let child = Command::new(binary)
-        .args([
-            "run",
-            "--subscription",
-            &emu.subscription("gcr-sub"),
-            "--dead-letter-topic",
-            &emu.topic("dlq"),
-        ])
-        .args([
-            "--metrics-addr",
-            &metrics.to_string(),
-            "--cache-configmap",
-            "gar-restarter/gar-restarter-cache",
-        ])
-        .arg("--cache-dir")
-        .arg(cache)
-        .args(["--log-format", "text"])
-        .env("PUBSUB_EMULATOR_HOST", emu.host())
-        .env("KUBECONFIG", kubeconfig)
-        .env("RUST_LOG", "warn")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .stdout(Stdio::from(log.try_clone()?))
-        .stderr(Stdio::from(log))
-        .spawn()?;
-    let daemon = Daemon { child, metrics };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some((200, _)) = util_http_get(metrics, "/readyz") {
-            return Ok((daemon, started.elapsed()));
-        }
-        if Instant::now() > deadline {
-            bail!("daemon not ready within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn util_http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    gar_testsupport::http::get_status_body(addr, path)
+    let spec = DaemonSpec {
+        binary: binary.to_owned(),
+        pubsub_host: emu.host(),
+        subscription: emu.subscription("gcr-sub"),
+        dead_letter_topic: emu.topic("dlq"),
+        kubeconfig: kubeconfig.to_owned(),
+        cache_dir: cache.to_owned(),
+        metrics_addr: free_addr()?,
+        log: log.to_owned(),
+        log_filter: "warn".into(),
+        args: Vec::new(),
+        env: Vec::new(),
+    };
+    let mut daemon = Daemon::spawn(&spec)?;
+    let ready = daemon
+        .wait_ready_polling(Duration::from_secs(30), Duration::from_millis(2))
+        .await?;
+    Ok((daemon, ready))
 }
 
 /// `VmRSS` (resident now) or `VmHWM` (peak resident) of a process, in MiB.
@@ -190,29 +141,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
-}
-
-/// p-quantile upper bound from a Prometheus histogram's cumulative buckets.
-fn histogram_quantile(metrics: &str, name: &str, p: f64) -> Option<f64> {
-    let mut buckets: Vec<(f64, f64)> = metrics
-        .lines()
-        .filter_map(|l| l.strip_prefix(&format!("{name}_bucket{{le=\"")))
-        .filter_map(|rest| {
-            let (le, count) = rest.split_once("\"} ")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, count.trim().parse().ok()?))
-        })
-        .collect();
-    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let total = buckets.last()?.1;
-    buckets
-        .iter()
-        .find(|(_, c)| *c >= total * p)
-        .map(|(le, _)| *le)
 }
 
 /// A GAR INSERT for workload `i`'s image with a digest no other event used.
@@ -266,13 +194,14 @@ async fn bench(binary: &Path, binary_size: u64) -> Result<()> {
     // Start-up: spawn → /readyz 200 with the mounted index, several times.
     let mut starts = Vec::new();
     for _ in 0..STARTS {
-        let (d, t) = start_daemon(binary, &emu, &kubeconfig, &cache, &log)?;
+        let (d, t) = start_daemon(binary, &emu, &kubeconfig, &cache, &log).await?;
         starts.push(t.as_secs_f64() * 1e3);
         drop(d);
     }
     starts.sort_by(f64::total_cmp);
-    let (daemon, _) = start_daemon(binary, &emu, &kubeconfig, &cache, &log)?;
-    let rss_idle = rss_mb(daemon.child.id());
+    let (daemon, _) = start_daemon(binary, &emu, &kubeconfig, &cache, &log).await?;
+    let pid = daemon.id().context("the daemon is not running")?;
+    let rss_idle = rss_mb(pid);
     if !api.requests().is_empty() {
         bail!(
             "start-up from the mount made API calls: {:?}",
@@ -320,9 +249,7 @@ async fn bench(binary: &Path, binary_size: u64) -> Result<()> {
         .iter()
         .filter(|r| r.method != "PATCH")
         .count();
-    let metrics = util_http_get(daemon.metrics, "/metrics")
-        .map(|(_, b)| b)
-        .unwrap_or_default();
+    let metrics = daemon.metrics();
     let in_daemon_p50 =
         histogram_quantile(&metrics, "gar_restarter_receive_to_restart_seconds", 0.5);
     let in_daemon_p99 =
@@ -330,7 +257,7 @@ async fn bench(binary: &Path, binary_size: u64) -> Result<()> {
     let sent_p50 = histogram_quantile(&metrics, "gar_restarter_receive_to_patch_seconds", 0.5);
     let sent_p99 = histogram_quantile(&metrics, "gar_restarter_receive_to_patch_seconds", 0.99);
     let sent_max = histogram_quantile(&metrics, "gar_restarter_receive_to_patch_seconds", 1.0);
-    let rss_loaded = rss_mb(daemon.child.id());
+    let rss_loaded = rss_mb(pid);
 
     // Throughput: BURST matched events published at once; the time until the last PATCH.
     let before = api.patches().len();
@@ -356,8 +283,8 @@ async fn bench(binary: &Path, binary_size: u64) -> Result<()> {
         .max()
         .map(|t| t.duration_since(burst_started));
     let burst_count = burst_patches.len() - before;
-    let rss_after_burst = rss_mb(daemon.child.id());
-    let rss_peak = status_mb(daemon.child.id(), "VmHWM:");
+    let rss_after_burst = rss_mb(pid);
+    let rss_peak = status_mb(pid, "VmHWM:");
     drop(daemon);
 
     let ms = |v: Option<f64>| {

@@ -8,13 +8,14 @@ use gar_testsupport::cluster::kubelet::Kubelet;
 use gar_testsupport::cluster::rbac;
 use gar_testsupport::cluster::{Cluster, KUBERNETES_VERSION};
 
+/// A real Kubernetes control plane in the foreground, with the daemon's RBAC and kubeconfigs.
+///
 /// Starts etcd, kube-apiserver and kube-controller-manager (the tests' control plane, built
 /// from the pinned Go modules on first use), applies the daemon's RBAC from deploy/, writes
 /// an admin kubeconfig and one for the daemon's own service account, and runs until Ctrl-C.
 /// A stand-in kubelet marks pods Ready, so rollouts finish.
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask cluster")]
-struct Args {
+pub struct Args {
     /// Where to write the admin kubeconfig (system:masters).
     #[arg(long, default_value = "target/cluster/admin.kubeconfig")]
     kubeconfig: PathBuf,
@@ -27,10 +28,7 @@ struct Args {
     rbac: String,
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let Some(args) = crate::util::parse_args::<Args>("cluster", args)? else {
-        return Ok(());
-    };
+pub fn run(args: Args) -> Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let runtime = tokio::runtime::Runtime::new().context("starting a Tokio runtime")?;
     runtime.block_on(serve(args))

@@ -2,36 +2,41 @@
 //! Kubernetes API, fed a handful of sample GAR events; prints what happened and why.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use gar_testsupport::daemon::{Daemon, DaemonSpec, free_addr};
 use gar_testsupport::emulator::{self, Emulator};
 use gar_testsupport::fake_api::{self, FakeApi, Recording};
+use gar_testsupport::metrics;
 use google_cloud_pubsub::client::{BasePublisher, Subscriber};
 use google_cloud_pubsub::model::Message;
 use serde_json::{Value, json};
 
 use crate::util::{self, Steps, cargo, secs};
 
-pub const HELP: &str = "\
-cargo xtask demo [--keep]
-
-Builds gar-restarter, starts the pstest emulator (or uses $PUBSUB_EMULATOR_HOST)
-and a fake Kubernetes API seeded with sample workloads, runs the daemon against
-both, publishes five sample GAR events and reports which workloads were
-restarted and why the others were not. Exits non-zero if the outcome differs
-from the expected one.
-
-With PUBSUB_EMULATOR_HOST set, that emulator must already have the topics
-projects/demo-project/topics/{gcr,gcr-dead-letter} and the subscriptions
-gcr-restarter (on gcr) and gcr-dead-letter-sub (on gcr-dead-letter); start one
-with `cargo xtask emulator --project demo-project`.
-
-Options:
-  --keep   keep the temporary directory (daemon log, kubeconfig) afterwards";
+/// The real daemon against pstest and a fake Kubernetes API, fed sample GAR events;
+/// reports what was restarted and why.
+///
+/// Builds gar-restarter, starts the pstest emulator (or uses $PUBSUB_EMULATOR_HOST)
+/// and a fake Kubernetes API seeded with sample workloads, runs the daemon against
+/// both, publishes five sample GAR events and reports which workloads were
+/// restarted and why the others were not. Exits non-zero if the outcome differs
+/// from the expected one.
+///
+/// With PUBSUB_EMULATOR_HOST set, that emulator must already have the topics
+/// projects/demo-project/topics/{gcr,gcr-dead-letter} and the subscriptions
+/// gcr-restarter (on gcr) and gcr-dead-letter-sub (on gcr-dead-letter); start one
+/// with `cargo xtask emulator --project demo-project`.
+#[derive(Debug, clap::Parser)]
+pub struct Args {
+    /// Keep the temporary directory (daemon log, kubeconfig) afterwards.
+    #[arg(long)]
+    keep: bool,
+}
 
 const PROJECT: &str = "demo-project";
 const TOPIC: &str = "gcr";
@@ -259,28 +264,7 @@ fn samples() -> Vec<Sample> {
     ]
 }
 
-#[derive(Debug, PartialEq)]
-struct Options {
-    keep: bool,
-}
-
-fn parse(args: &[String]) -> Result<Option<Options>> {
-    let mut opts = Options { keep: false };
-    for arg in args {
-        match arg.as_str() {
-            "--keep" => opts.keep = true,
-            "-h" | "--help" => return Ok(None),
-            other => bail!("unknown argument {other:?} for `demo`\n\n{HELP}"),
-        }
-    }
-    Ok(Some(opts))
-}
-
-pub fn run(args: &[String]) -> Result<()> {
-    let Some(opts) = parse(args)? else {
-        println!("{HELP}");
-        return Ok(());
-    };
+pub fn run(opts: Args) -> Result<()> {
     let external = std::env::var("PUBSUB_EMULATOR_HOST")
         .ok()
         .filter(|h| !h.is_empty());
@@ -339,16 +323,13 @@ struct Running {
     pubsub_host: String,
     api: FakeApi,
     dir: tempfile::TempDir,
-    daemon: Option<Child>,
+    daemon: Option<Daemon>,
     metrics_addr: SocketAddr,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if let Some(mut child) = self.daemon.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.daemon.take();
         self.api.stop();
         self.emulator.take();
     }
@@ -368,55 +349,33 @@ impl Running {
     }
 
     fn metrics(&self) -> String {
-        http_get(self.metrics_addr, "/metrics")
-            .map(|(_, body)| body)
-            .unwrap_or_default()
+        metrics::scrape(self.metrics_addr)
     }
 
-    fn daemon_exited(&mut self) -> Option<ExitStatus> {
-        self.daemon
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+    fn daemon_exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.daemon.as_mut().and_then(Daemon::exited)
     }
 
-    async fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = self.daemon_exited() {
-                bail!("the daemon exited during start-up ({status})");
-            }
-            if let Some((200, _)) = http_get(self.metrics_addr, "/readyz") {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("the daemon was not ready within {READY_TIMEOUT:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGTERM, then wait; `None` if it had to be killed.
-    async fn terminate(&mut self) -> Option<ExitStatus> {
-        let mut child = self.daemon.take()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    /// `gar-restarter run` against the emulator and the fake API, logging to `daemon.log`.
+    fn daemon_spec(&self, bin: &Path) -> DaemonSpec {
+        let dir = self.dir.path();
+        DaemonSpec {
+            binary: bin.to_owned(),
+            pubsub_host: self.pubsub_host.clone(),
+            subscription: format!("projects/{PROJECT}/subscriptions/{SUB}"),
+            dead_letter_topic: format!("projects/{PROJECT}/topics/{DLQ_TOPIC}"),
+            kubeconfig: dir.join("kubeconfig"),
+            cache_dir: dir.join("cache"),
+            metrics_addr: self.metrics_addr,
+            log: self.log_path(),
+            log_filter: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
 
-async fn scenario(daemon_bin: &Path, external: Option<String>, opts: &Options) -> Result<()> {
+async fn scenario(daemon_bin: &Path, external: Option<String>, opts: &Args) -> Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let started = Instant::now();
 
@@ -462,7 +421,7 @@ async fn scenario(daemon_bin: &Path, external: Option<String>, opts: &Options) -
         api,
         dir,
         daemon: None,
-        metrics_addr: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        metrics_addr: free_addr().context("finding a free port")?,
     };
     if opts.keep {
         env.dir.disable_cleanup(true);
@@ -508,10 +467,12 @@ async fn drive(
     seeds: &[Seed],
     started: Instant,
 ) -> Result<()> {
-    let mut cmd = daemon_command(daemon_bin, env)?;
-    println!("\n$ {}", util::show(&cmd));
-    env.daemon = Some(cmd.spawn().context("cannot start gar-restarter")?);
-    env.wait_ready().await?;
+    let spec = env.daemon_spec(daemon_bin);
+    println!("\n$ {}", util::show(&spec.command()?));
+    let daemon = env
+        .daemon
+        .insert(Daemon::spawn(&spec).context("cannot start gar-restarter")?);
+    daemon.wait_ready(READY_TIMEOUT).await?;
     println!(
         "daemon ready after {} (log: {})",
         secs(started.elapsed()),
@@ -552,7 +513,7 @@ async fn drive(
     // Settle.
     let settled = loop {
         let metrics = env.metrics();
-        let settled = samples_by_label(&metrics, "gar_restarter_events_settled_total", "outcome");
+        let settled = metrics::by_label(&metrics, "gar_restarter_events_settled_total", "outcome");
         let done: f64 = ["ack", "dead_letter"]
             .iter()
             .filter_map(|o| settled.get(*o))
@@ -573,7 +534,7 @@ async fn drive(
     };
     let settle_time = published.elapsed();
     let metrics = env.metrics();
-    let received = samples_by_label(&metrics, "gar_restarter_events_received_total", "action");
+    let received = metrics::by_label(&metrics, "gar_restarter_events_received_total", "action");
 
     // Dead letters.
     let malformed_ids: Vec<&String> = samples
@@ -585,7 +546,10 @@ async fn drive(
     let letters = pull_dead_letters(&env.endpoint(), &malformed_ids).await?;
 
     // Stop the daemon before reading the final state.
-    let status = env.terminate().await;
+    let status = env
+        .daemon
+        .take()
+        .and_then(|mut daemon| tokio::task::block_in_place(|| daemon.terminate(STOP_TIMEOUT)));
 
     let mut failures = Vec::new();
     let daemon_log = env.daemon_log();
@@ -797,50 +761,6 @@ fn check_reachable(host: &str) -> Result<()> {
     }
 }
 
-/// `gar-restarter run` against the emulator and the fake API, logging to `daemon.log`.
-fn daemon_command(bin: &Path, env: &Running) -> Result<Command> {
-    let dir = env.dir.path();
-    let log = || {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("daemon.log"))
-            .context("opening daemon.log")
-    };
-    let mut cmd = Command::new(bin);
-    cmd.arg("run")
-        .arg("--subscription")
-        .arg(format!("projects/{PROJECT}/subscriptions/{SUB}"))
-        .arg("--dead-letter-topic")
-        .arg(format!("projects/{PROJECT}/topics/{DLQ_TOPIC}"))
-        .arg("--metrics-addr")
-        .arg(env.metrics_addr.to_string())
-        .arg("--cache-dir")
-        .arg(dir.join("cache"))
-        .arg("--cache-configmap")
-        .arg("gar-restarter/gar-restarter-cache")
-        .arg("--log-format")
-        .arg("text")
-        .env("PUBSUB_EMULATOR_HOST", &env.pubsub_host)
-        .env("KUBECONFIG", dir.join("kubeconfig"))
-        // The log goes to a file: no ANSI colours.
-        .env("NO_COLOR", "1")
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log()?))
-        .stderr(Stdio::from(log()?));
-    // The user's own GAR_RESTARTER_* settings (e.g. DRY_RUN) must not change the demo.
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("GAR_RESTARTER_") {
-            cmd.env_remove(key);
-        }
-    }
-    Ok(cmd)
-}
-
 /// Pulls the dead-letter subscription (acking everything) until all of `want` (original
 /// message ids) arrived or [`DLQ_TIMEOUT`] passed; keyed by `dlq_original_message_id`.
 async fn pull_dead_letters(endpoint: &str, want: &[&String]) -> Result<HashMap<String, Message>> {
@@ -892,36 +812,6 @@ fn short_digest(d: &str) -> String {
     }
 }
 
-/// The samples of a counter family by the value of one label, e.g. `{"ack": 4.0}` for
-/// `gar_restarter_events_settled_total{outcome="ack"} 4`.
-fn samples_by_label(text: &str, metric: &str, label: &str) -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    let needle = format!("{label}=\"");
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(metric).and_then(|r| r.strip_prefix('{')) else {
-            continue;
-        };
-        let Some((labels, value)) = rest.split_once('}') else {
-            continue;
-        };
-        let Some(name) = labels
-            .split_once(needle.as_str())
-            .and_then(|(_, v)| v.split_once('"'))
-            .map(|(v, _)| v.to_owned())
-        else {
-            continue;
-        };
-        if let Some(v) = value
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-        {
-            *out.entry(name).or_insert(0.0) += v;
-        }
-    }
-    out
-}
-
 fn fmt_counts(counts: &BTreeMap<String, f64>) -> String {
     if counts.is_empty() {
         return "(none)".to_owned();
@@ -931,17 +821,6 @@ fn fmt_counts(counts: &BTreeMap<String, f64>) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("finding a free port")?
-        .port())
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    gar_testsupport::http::get_status_body(addr, path)
 }
 
 /// `ns/name` of a workload API path like `/apis/apps/v1/namespaces/ns/deployments/name`.
@@ -991,17 +870,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_counter_samples() {
-        let text = "# TYPE gar_restarter_events_settled counter\n\
-                    gar_restarter_events_settled_total{outcome=\"ack\"} 4\n\
-                    gar_restarter_events_settled_total{outcome=\"dead_letter\"} 1 # {a=\"b\"} 1\n\
-                    gar_restarter_events_settled_total_other{outcome=\"x\"} 9\n\
-                    gar_restarter_events_received_total{action=\"insert\"} 2\n";
-        let m = samples_by_label(text, "gar_restarter_events_settled_total", "outcome");
-        assert_eq!(m.len(), 2);
-        assert_eq!(m["ack"], 4.0);
-        assert_eq!(m["dead_letter"], 1.0);
+    fn formats_counts() {
+        let m = BTreeMap::from([("ack".to_owned(), 4.0), ("dead_letter".to_owned(), 1.0)]);
         assert_eq!(fmt_counts(&m), "ack=4 dead_letter=1");
+        assert_eq!(fmt_counts(&BTreeMap::new()), "(none)");
     }
 
     #[test]
@@ -1051,11 +923,9 @@ mod tests {
 
     #[test]
     fn parses_options() {
-        assert_eq!(parse(&[]).unwrap(), Some(Options { keep: false }));
-        assert_eq!(
-            parse(&["--keep".to_owned()]).unwrap(),
-            Some(Options { keep: true })
-        );
-        assert!(parse(&["x".to_owned()]).is_err());
+        use clap::Parser;
+        assert!(!Args::try_parse_from(["demo"]).unwrap().keep);
+        assert!(Args::try_parse_from(["demo", "--keep"]).unwrap().keep);
+        assert!(Args::try_parse_from(["demo", "x"]).is_err());
     }
 }

@@ -9,18 +9,22 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use gar_testsupport::emulator::{self, Emulator};
 
-pub const HELP: &str = "\
-cargo xtask emulator [--addr HOST:PORT] [--project PROJECT]
-
-Runs the pstest Pub/Sub emulator in the foreground until Ctrl-C, with the topics
-`gcr` and `gcr-dead-letter` and the subscriptions `gcr-restarter` (on gcr) and
-`gcr-dead-letter-sub` (on gcr-dead-letter), as config/local.toml expects.
-All state is in memory and lost when it stops.
-
-Options:
-  --addr HOST:PORT     listen address (default 127.0.0.1:8085)
-  --project PROJECT    project of the topics and subscriptions (default local-project;
-                       `cargo xtask demo` with PUBSUB_EMULATOR_HOST wants demo-project)";
+/// The pstest Pub/Sub emulator in the foreground, set up for config/local.toml.
+///
+/// Runs the pstest Pub/Sub emulator in the foreground until Ctrl-C, with the topics
+/// `gcr` and `gcr-dead-letter` and the subscriptions `gcr-restarter` (on gcr) and
+/// `gcr-dead-letter-sub` (on gcr-dead-letter), as config/local.toml expects.
+/// All state is in memory and lost when it stops.
+#[derive(Debug, clap::Parser)]
+pub struct Args {
+    /// Listen address.
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8085")]
+    addr: String,
+    /// Project of the topics and subscriptions (`cargo xtask demo` with
+    /// PUBSUB_EMULATOR_HOST wants demo-project).
+    #[arg(long, default_value = "local-project")]
+    project: String,
+}
 
 const TOPICS: [&str; 2] = ["gcr", "gcr-dead-letter"];
 const SUBSCRIPTIONS: [(&str, &str); 2] = [
@@ -28,44 +32,7 @@ const SUBSCRIPTIONS: [(&str, &str); 2] = [
     ("gcr-dead-letter-sub", "gcr-dead-letter"),
 ];
 
-#[derive(Debug, PartialEq)]
-struct Options {
-    addr: String,
-    project: String,
-}
-
-fn parse(args: &[String]) -> Result<Option<Options>> {
-    let mut opts = Options {
-        addr: "127.0.0.1:8085".to_owned(),
-        project: "local-project".to_owned(),
-    };
-    let mut iter = args.iter();
-    while let Some(arg) = iter.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
-            _ => (arg.as_str(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| iter.next().cloned())
-                .with_context(|| format!("{flag} needs a value"))
-        };
-        match flag {
-            "--addr" => opts.addr = value()?,
-            "--project" => opts.project = value()?,
-            "-h" | "--help" => return Ok(None),
-            other => bail!("unknown argument {other:?} for `emulator`\n\n{HELP}"),
-        }
-    }
-    Ok(Some(opts))
-}
-
-pub fn run(args: &[String]) -> Result<()> {
-    let Some(opts) = parse(args)? else {
-        println!("{HELP}");
-        return Ok(());
-    };
+pub fn run(opts: Args) -> Result<()> {
     eprintln!("building pstest if needed (the first build takes about a minute)...");
     emulator::build_pstest()?;
     let mut emu = Emulator::start_on_blocking(&opts.addr, &opts.project, &TOPICS, &SUBSCRIPTIONS)
@@ -152,22 +119,23 @@ impl LogFollower {
 mod tests {
     use super::*;
 
-    fn args(s: &[&str]) -> Vec<String> {
-        s.iter().map(|a| a.to_string()).collect()
-    }
+    use clap::Parser;
 
     #[test]
     fn parses_options() {
-        let o = parse(&[]).unwrap().unwrap();
+        let o = Args::try_parse_from(["emulator"]).unwrap();
         assert_eq!(o.addr, "127.0.0.1:8085");
         assert_eq!(o.project, "local-project");
-        let o = parse(&args(&["--addr", "0.0.0.0:9000", "--project=demo-project"]))
-            .unwrap()
-            .unwrap();
+        let o = Args::try_parse_from([
+            "emulator",
+            "--addr",
+            "0.0.0.0:9000",
+            "--project=demo-project",
+        ])
+        .unwrap();
         assert_eq!(o.addr, "0.0.0.0:9000");
         assert_eq!(o.project, "demo-project");
-        assert!(parse(&args(&["--addr"])).is_err());
-        assert!(parse(&args(&["--port", "1"])).is_err());
-        assert!(parse(&args(&["-h"])).unwrap().is_none());
+        assert!(Args::try_parse_from(["emulator", "--addr"]).is_err());
+        assert!(Args::try_parse_from(["emulator", "--port", "1"]).is_err());
     }
 }

@@ -10,40 +10,35 @@ mod util;
 
 use std::process::ExitCode;
 
-const HELP: &str = "\
-cargo xtask <task> [options]
+use clap::{CommandFactory, Parser, Subcommand};
 
-tasks:
-  test       install missing tools, build the emulator, fmt + clippy, the whole test suite,
-             doc tests and deploy/validate.sh (see `cargo xtask test --help`)
-  demo       the real daemon against pstest and a fake Kubernetes API, fed sample GAR
-             events; reports what was restarted and why (see `cargo xtask demo --help`)
-  bench      end-to-end figures for the release binary: push→PATCH latency, the daemon's own
-             latency, throughput, API calls per event, RSS, start-up time, binary size
-             (see `cargo xtask bench --help` and BENCHMARKS.md)
-  emulator   the pstest Pub/Sub emulator in the foreground, set up for config/local.toml
-             (see `cargo xtask emulator --help`)
-  cluster    a real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager)
-             in the foreground, with the daemon's RBAC and kubeconfigs
-             (see `cargo xtask cluster --help`)
-  publish    publish one GAR notification (--tag IMAGE:TAG) to the emulator's gcr topic
-             (see `cargo xtask publish --help`)";
+/// Developer tasks for gar-restarter.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Option<Task>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    Test(test::Args),
+    Demo(demo::Args),
+    Bench(bench::Args),
+    Emulator(emulator::Args),
+    Cluster(cluster::Args),
+    Publish(publish::Args),
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let rest = args.get(1..).unwrap_or_default();
-    let result = match args.first().map(String::as_str) {
-        Some("test") => test::run(rest),
-        Some("bench") => bench::run(rest),
-        Some("demo") => demo::run(rest),
-        Some("emulator") => emulator::run(rest),
-        Some("publish") => publish::run(rest),
-        Some("cluster") => cluster::run(rest),
-        None | Some("help" | "-h" | "--help") => {
-            println!("{HELP}");
-            Ok(())
-        }
-        Some(other) => Err(anyhow::anyhow!("unknown task {other:?}\n\n{HELP}")),
+    let result = match Cli::parse().task {
+        Some(Task::Test(args)) => test::run(args),
+        Some(Task::Demo(args)) => demo::run(args),
+        Some(Task::Bench(args)) => bench::run(args),
+        Some(Task::Emulator(args)) => emulator::run(args),
+        Some(Task::Cluster(args)) => cluster::run(args),
+        Some(Task::Publish(args)) => publish::run(args),
+        None => Cli::command().print_help().map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -51,5 +46,41 @@ fn main() -> ExitCode {
             eprintln!("\nxtask: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The arguments of one task, as `cargo xtask TASK ARGS…` parses them.
+    fn parse(args: &[&str]) -> Result<Task, clap::Error> {
+        let argv = ["cargo xtask"].iter().chain(args);
+        Cli::try_parse_from(argv).map(|cli| cli.task.expect("a task was named"))
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn names_every_task() {
+        for (name, args) in [
+            ("test", &[][..]),
+            ("demo", &[]),
+            ("bench", &[]),
+            ("emulator", &[]),
+            ("cluster", &[]),
+            ("publish", &["--tag", "r/app:v1"]),
+        ] {
+            let argv: Vec<&str> = std::iter::once(name).chain(args.iter().copied()).collect();
+            let task = parse(&argv).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(
+                format!("{task:?}").to_lowercase().starts_with(name),
+                "{task:?}"
+            );
+        }
+        assert!(parse(&["frobnicate"]).is_err());
     }
 }

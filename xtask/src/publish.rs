@@ -7,12 +7,13 @@ use clap::Parser;
 use google_cloud_pubsub::client::BasePublisher;
 use google_cloud_pubsub::model::Message;
 
+/// Publish one GAR notification (--tag IMAGE:TAG) to the emulator's gcr topic.
+///
 /// Publishes one Artifact Registry notification (`{"action","digest","tag"}`) to the `gcr`
 /// topic of the Pub/Sub emulator started by `cargo xtask emulator`, and prints its message
 /// id. With the daemon running, `gar-restarter` then restarts the workloads running TAG.
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask publish")]
-struct Args {
+pub struct Args {
     /// The pushed tag, e.g. europe-docker.pkg.dev/p/r/app:v1.
     #[arg(long)]
     tag: String,
@@ -33,10 +34,7 @@ struct Args {
 /// The publisher retries an unreachable endpoint forever: bound it.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub fn run(args: &[String]) -> Result<()> {
-    let Some(args) = crate::util::parse_args::<Args>("publish", args)? else {
-        return Ok(());
-    };
+pub fn run(args: Args) -> Result<()> {
     let data = notification(&args)?;
     let runtime = tokio::runtime::Runtime::new().context("starting a Tokio runtime")?;
     let id = runtime.block_on(publish(&args, data.clone()))?;

@@ -9,66 +9,42 @@ use gar_testsupport::gotool;
 
 use crate::util::{self, Steps, cargo, on_path, succeeds};
 
-pub const HELP: &str = "\
-cargo xtask test [--no-install] [--skip-lint] [--skip-deploy] [-- FILTER...]
-
-Runs, stopping at the first failing step:
-  1. check Go 1.26+ ($GO, /usr/local/go/bin/go or PATH; it cannot be installed
-     from Debian 12, whose golang-go is 1.19) and install missing Debian packages
-     (python3-venv for deploy/validate.sh; apt-get, sudo if not root)
-  2. build the Go peers from their pinned modules through the Go module proxy:
-     pstest, etcd, kube-apiserver, kube-controller-manager, kubectl and helm,
-     cached in $GAR_TOOLS_DIR (default /var/tmp/gar-restarter-tools); a cold
-     build takes about 15 minutes on 2 cores, a warm one a second
-  3. cargo fmt --all --check
-  4. cargo clippy --workspace --all-targets -- -D warnings
-  5. cargo nextest run --workspace --no-fail-fast   (cargo test --workspace
-     --no-fail-fast when cargo-nextest is not installed)
-  6. cargo test --workspace --doc                   (nextest only; cargo test
-     already runs doc tests)
-  7. bash deploy/validate.sh
-
-Options:
-  --no-install    never run apt-get (missing tools then fail their step)
-  --skip-lint     skip steps 3 and 4
-  --skip-deploy   skip step 7
-  -- ARGS...      passed to the test runner after `--` (steps 5, 6): test name
-                  filters, --exact, --skip NAME (nextest understands these too)";
-
-#[derive(Debug, Default, PartialEq)]
-struct Options {
-    install: bool,
-    lint: bool,
-    deploy: bool,
+/// Install missing tools, build the Go peers, fmt + clippy, all tests and deploy/validate.sh.
+///
+/// Runs, stopping at the first failing step:
+///   1. check Go 1.26+ ($GO, /usr/local/go/bin/go or PATH; it cannot be installed
+///      from Debian 12, whose golang-go is 1.19) and install missing Debian packages
+///      (python3-venv for deploy/validate.sh; apt-get, sudo if not root)
+///   2. build the Go peers from their pinned modules through the Go module proxy:
+///      pstest, etcd, kube-apiserver, kube-controller-manager, kubectl and helm,
+///      cached in $GAR_TOOLS_DIR (default /var/tmp/gar-restarter-tools); a cold
+///      build takes about 15 minutes on 2 cores, a warm one a second
+///   3. cargo fmt --all --check
+///   4. cargo clippy --workspace --all-targets -- -D warnings
+///   5. cargo nextest run --workspace --no-fail-fast   (cargo test --workspace
+///      --no-fail-fast when cargo-nextest is not installed)
+///   6. cargo test --workspace --doc                   (nextest only; cargo test
+///      already runs doc tests)
+///   7. bash deploy/validate.sh
+#[derive(Debug, clap::Parser)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// Never run apt-get (missing tools then fail their step).
+    #[arg(long)]
+    no_install: bool,
+    /// Skip steps 3 and 4.
+    #[arg(long)]
+    skip_lint: bool,
+    /// Skip step 7.
+    #[arg(long)]
+    skip_deploy: bool,
+    /// Passed to the test runner after `--` (steps 5, 6): test name filters, --exact,
+    /// --skip NAME (nextest understands these too).
+    #[arg(last = true, value_name = "ARGS")]
     filters: Vec<String>,
 }
 
-fn parse(args: &[String]) -> Result<Option<Options>> {
-    let mut opts = Options {
-        install: true,
-        lint: true,
-        deploy: true,
-        filters: Vec::new(),
-    };
-    let mut iter = args.iter();
-    while let Some(arg) = iter.next() {
-        match arg.as_str() {
-            "--no-install" => opts.install = false,
-            "--skip-lint" => opts.lint = false,
-            "--skip-deploy" => opts.deploy = false,
-            "-h" | "--help" => return Ok(None),
-            "--" => opts.filters.extend(iter.by_ref().cloned()),
-            other => bail!("unknown argument {other:?} for `test`\n\n{HELP}"),
-        }
-    }
-    Ok(Some(opts))
-}
-
-pub fn run(args: &[String]) -> Result<()> {
-    let Some(opts) = parse(args)? else {
-        println!("{HELP}");
-        return Ok(());
-    };
+pub fn run(opts: Args) -> Result<()> {
     let nextest = succeeds(cargo().args(["nextest", "--version"]));
     let mut steps = Steps::new(7);
     let result = run_steps(&opts, nextest, &mut steps);
@@ -79,8 +55,8 @@ pub fn run(args: &[String]) -> Result<()> {
     result
 }
 
-fn run_steps(opts: &Options, nextest: bool, steps: &mut Steps) -> Result<()> {
-    if opts.install {
+fn run_steps(opts: &Args, nextest: bool, steps: &mut Steps) -> Result<()> {
+    if !opts.no_install {
         steps.run("install missing tools", install_missing)?;
     } else {
         steps.skip("install missing tools", "--no-install");
@@ -91,7 +67,7 @@ fn run_steps(opts: &Options, nextest: bool, steps: &mut Steps) -> Result<()> {
         Ok(())
     })?;
 
-    if opts.lint {
+    if !opts.skip_lint {
         steps.run("cargo fmt --all --check", || {
             let mut cmd = cargo();
             cmd.args(["fmt", "--all", "--check"]);
@@ -144,7 +120,7 @@ fn run_steps(opts: &Options, nextest: bool, steps: &mut Steps) -> Result<()> {
         steps.skip("doc tests", "included in cargo test");
     }
 
-    if opts.deploy {
+    if !opts.skip_deploy {
         steps.run("bash deploy/validate.sh", || {
             let mut cmd = Command::new("bash");
             cmd.arg("deploy/validate.sh").current_dir(util::repo_root());
@@ -274,22 +250,16 @@ fn is_root() -> bool {
 mod tests {
     use super::*;
 
-    fn args(s: &[&str]) -> Vec<String> {
-        s.iter().map(|a| a.to_string()).collect()
-    }
+    use clap::Parser;
 
     #[test]
     fn parses_flags_and_filters() {
-        let o = parse(&args(&["--skip-lint", "--", "walking", "--exact"]))
-            .unwrap()
-            .unwrap();
-        assert!(o.install && !o.lint && o.deploy);
+        let o = Args::try_parse_from(["test", "--skip-lint", "--", "walking", "--exact"]).unwrap();
+        assert!(!o.no_install && o.skip_lint && !o.skip_deploy);
         assert_eq!(o.filters, ["walking", "--exact"]);
-        let o = parse(&args(&["--no-install", "--skip-deploy"]))
-            .unwrap()
-            .unwrap();
-        assert!(!o.install && o.lint && !o.deploy && o.filters.is_empty());
-        assert!(parse(&args(&["--help"])).unwrap().is_none());
-        assert!(parse(&args(&["--bogus"])).is_err());
+        let o = Args::try_parse_from(["test", "--no-install", "--skip-deploy"]).unwrap();
+        assert!(o.no_install && !o.skip_lint && o.skip_deploy && o.filters.is_empty());
+        assert!(Args::try_parse_from(["test", "--bogus"]).is_err());
+        assert!(Args::try_parse_from(["test", "walking"]).is_err());
     }
 }

@@ -142,24 +142,6 @@ impl Steps {
     }
 }
 
-/// Parses the arguments of the task `task` with clap. `Ok(None)` when clap printed what was
-/// asked for (`--help`) and the task has nothing more to do; a bad flag prints clap's
-/// message and is an error.
-pub fn parse_args<T: clap::Parser>(task: &str, args: &[String]) -> Result<Option<T>> {
-    let argv = std::iter::once(task.to_owned()).chain(args.iter().cloned());
-    match T::try_parse_from(argv) {
-        Ok(parsed) => Ok(Some(parsed)),
-        Err(e) if !e.use_stderr() => {
-            e.print()?;
-            Ok(None)
-        }
-        Err(e) => {
-            e.print()?;
-            bail!("bad arguments for `cargo xtask {task}`")
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

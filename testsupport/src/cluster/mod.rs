@@ -24,7 +24,6 @@ pub mod process;
 pub mod rbac;
 
 use std::future::Future;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -88,8 +87,7 @@ pub struct Cluster {
 
 /// A free loopback port (bound and released; the caller binds it soon after).
 pub fn free_port() -> Result<u16, ClusterError> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
+    crate::daemon::free_addr()
         .map(|a| a.port())
         .map_err(|e| ClusterError::Setup(format!("no free loopback port: {e}")))
 }

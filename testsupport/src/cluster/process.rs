@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -39,6 +39,55 @@ fn spawner() -> &'static Mutex<mpsc::Sender<SpawnRequest>> {
     })
 }
 
+/// Spawns `cmd` from the spawner thread with `PR_SET_PDEATHSIG`, so that the child is
+/// SIGKILLed when this process exits, however it exits. Also used for the daemon
+/// ([`crate::daemon`]).
+pub(crate) fn spawn_tied(mut cmd: Command) -> std::io::Result<Child> {
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let gone = || std::io::Error::other("the process spawner thread is gone");
+    let (tx, rx) = mpsc::channel();
+    spawner()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((cmd, tx))
+        .map_err(|_| gone())?;
+    rx.recv().map_err(|_| gone())?
+}
+
+/// SIGTERM, then waits up to `grace` for the exit: `Some(status)` if it came (or had come
+/// already), `None` if the child had to be SIGKILLed.
+pub(crate) fn terminate(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: plain syscall on a pid we own and have not reaped.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + grace;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A running control-plane process, its name and its log file.
 #[derive(Debug)]
 pub struct Process {
@@ -62,25 +111,7 @@ impl Process {
         let err = out.try_clone().map_err(setup)?;
         let mut cmd = Command::new(bin);
         cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
-        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let (tx, rx) = mpsc::channel();
-        spawner()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send((cmd, tx))
-            .map_err(|_| ClusterError::Setup("the process spawner thread is gone".into()))?;
-        let child = rx
-            .recv()
-            .map_err(|_| ClusterError::Setup("the process spawner thread is gone".into()))?
-            .map_err(setup)?;
+        let child = spawn_tied(cmd).map_err(setup)?;
         Ok(Process {
             name,
             log,
@@ -109,27 +140,9 @@ impl Process {
 
     /// SIGTERM, then SIGKILL after `grace`; waits for the exit either way.
     pub fn stop(&mut self, grace: Duration) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child, grace);
         }
-        if let Ok(pid) = i32::try_from(child.id()) {
-            // SAFETY: plain syscall on a pid we own and have not reaped.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-        }
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 
