@@ -569,11 +569,16 @@ async fn statefulsets_and_daemonsets_are_restarted_and_opt_outs_are_not() {
     h.publish(&insert("db:v3", HEX_A)).await;
     h.publish(&insert("agent:v9", HEX_B)).await;
     assert!(
-        wait_until(Duration::from_secs(10), || h.api.patches().len() == 2).await,
+        wait_until(Duration::from_secs(10), || accepted_patches(&h.api).len()
+            == 2)
+        .await,
         "{}",
         h.daemon_log()
     );
-    let mut paths: Vec<String> = h.api.patches().iter().map(|p| p.path.clone()).collect();
+    let mut paths: Vec<String> = accepted_patches(&h.api)
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
     paths.sort();
     assert_eq!(
         paths,

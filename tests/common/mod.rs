@@ -170,6 +170,14 @@ impl Harness {
         while !log_done(&self.daemon_log()) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // The watch lists in the background after readiness; let it finish too, for the same
+        // reason. Not an error when it cannot (a test that takes away `list` or `watch`).
+        if !self.extra_args.iter().any(|a| a == "--watch=false") {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.metric("gar_restarter_watch_synced") != 1.0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
     }
 
     pub async fn wait_ready(&mut self, timeout: Duration) {
@@ -362,6 +370,15 @@ pub fn accepted_patches(api: &TestApi) -> Vec<(String, Option<String>)> {
             (p.path, digest)
         })
         .collect()
+}
+
+/// Workload PATCHes to `path` the API accepted (2xx): the restarts. A PATCH refused with 409
+/// (its resourceVersion precondition met a newer object) restarts nothing and is decided again.
+pub fn restarts_of(api: &TestApi, path: &str) -> usize {
+    patches_to(api, path)
+        .iter()
+        .filter(|p| (200..300).contains(&p.status))
+        .count()
 }
 
 /// Workload PATCHes to `path`, all statuses.

@@ -106,7 +106,8 @@ async fn start_daemon(
         metrics_addr: free_addr()?,
         log: log.to_owned(),
         log_filter: "warn".into(),
-        args: Vec::new(),
+        // The fake API server answers watches with 405: the daemon runs on its snapshot.
+        args: vec!["--watch=false".into()],
         env: Vec::new(),
     };
     let mut daemon = Daemon::spawn(&spec)?;

@@ -369,7 +369,8 @@ impl Running {
             metrics_addr: self.metrics_addr,
             log: self.log_path(),
             log_filter: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            args: Vec::new(),
+            // The fake API server answers watches with 405: the daemon runs on its snapshot.
+            args: vec!["--watch=false".into()],
             env: Vec::new(),
         }
     }
