@@ -1,5 +1,6 @@
 //! Micro benchmarks of the hot path: index lookup, and parse + normalise + lookup of one GAR
-//! message, against 10,000 workloads and 50,000 indexed refs.
+//! message, against 10,000 workloads and 50,000 indexed refs; and the live view: the cost of
+//! applying one watch event, and its heap at 10,000 and 100,000 workloads.
 //!
 //! `cargo bench --bench lookup`
 //!
@@ -11,8 +12,12 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use gar_restarter::index::live::{Change, LiveView, StreamId};
 use gar_restarter::index::lookup::SharedIndex;
 use gar_restarter::index::table::Index;
+use gar_restarter::index::workload::{
+    ContainerImage, RestartRecord, RolloutStatus, WorkloadKind, WorkloadRef, WorkloadState,
+};
 use gar_restarter::ingest::event::{self, Event};
 use gar_restarter::ingest::image::ImageRef;
 use gar_testsupport::fixtures;
@@ -127,5 +132,98 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// Workload `i` as the watch reports it, running `images` fixture images (version `v`).
+fn workload(i: usize, images: usize, v: usize) -> WorkloadState {
+    let mut w = WorkloadRef::new(
+        WorkloadKind::Deployment,
+        &format!("ns-{}", i % 50),
+        &format!("svc-{i}"),
+    );
+    w.paused = false;
+    WorkloadState {
+        workload: w,
+        containers: (0..images)
+            .map(|j| ContainerImage {
+                container: format!("c{j}"),
+                init: false,
+                image: ImageRef::parse(&fixtures::image(i, j + v)).ok(),
+                pull_policy: Some("IfNotPresent".into()),
+            })
+            .collect(),
+        paused: false,
+        annotations_enabled: None,
+        last_restart: RestartRecord::default(),
+        resource_version: Some(format!("{}", 1000 + i)),
+        generation: 1,
+        status: RolloutStatus::default(),
+    }
+}
+
+/// A live view listed with `n` workloads of `images` each, and the heap it holds.
+fn listed(n: usize, images: usize) -> (LiveView, Option<usize>, std::time::Duration) {
+    let stream = StreamId {
+        kind: WorkloadKind::Deployment,
+        namespace: None,
+    };
+    let states: Vec<WorkloadState> = (0..n).map(|i| workload(i, images, 0)).collect();
+    let before = heap_in_use();
+    let view = LiveView::new(vec![stream.clone()], false, std::time::Duration::ZERO);
+    let started = Instant::now();
+    view.apply(&stream, Change::ListStarted);
+    for w in states {
+        view.apply(&stream, Change::Listed(w));
+    }
+    view.apply(&stream, Change::ListDone);
+    let took = started.elapsed();
+    let heap = before.zip(heap_in_use()).map(|(b, a)| a.saturating_sub(b));
+    assert!(view.is_synced());
+    (view, heap, took)
+}
+
+fn bench_live(c: &mut Criterion) {
+    let stream = StreamId {
+        kind: WorkloadKind::Deployment,
+        namespace: None,
+    };
+    for (n, images) in [(10_000, 5), (100_000, 5)] {
+        let (view, heap, took) = listed(n, images);
+        println!(
+            "live view: {n} workloads / {} refs listed in {:.0} ms ({:.2} µs per event), heap {}",
+            n * images,
+            took.as_secs_f64() * 1e3,
+            took.as_secs_f64() * 1e6 / n as f64,
+            heap.map_or("n/a".into(), |h| format!(
+                "{:.1} MiB",
+                h as f64 / 1_048_576.0
+            )),
+        );
+        assert_eq!(view.image_count(), n * images);
+    }
+    let (view, _, _) = listed(10_000, 5);
+    // Image changes spread over the whole view, prepared ahead so only `apply` is timed.
+    let changes: Vec<WorkloadState> = (0..10_000)
+        .map(|n| workload(n * 7_919 % 10_000, 5, 1 + n % 2))
+        .collect();
+    let mut next = changes.iter().cycle();
+    print_distribution(
+        "live/apply image change (10,000 workloads)",
+        distribution(&changes, 2, |w| {
+            view.apply(&stream, Change::Applied(black_box(w.clone())));
+        }),
+    );
+    let probe = ImageRef::parse(&fixtures::image(4_321, 2)).expect("ref");
+    let mut g = c.benchmark_group("live");
+    g.bench_function("apply_image_change", |b| {
+        b.iter(|| {
+            let w = next.next().expect("cycle").clone();
+            view.apply(&stream, Change::Applied(black_box(w)))
+        })
+    });
+    g.bench_function("lookup_hit", |b| {
+        b.iter(|| black_box(view.lookup(black_box(&probe))))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_live);
 criterion_main!(benches);

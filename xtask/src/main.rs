@@ -4,6 +4,7 @@ mod bench;
 mod cluster;
 mod demo;
 mod emulator;
+mod freshness;
 mod publish;
 mod test;
 mod util;

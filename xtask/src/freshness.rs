@@ -1,0 +1,179 @@
+//! The live view's freshness on a real kube-apiserver: how long after a change is written
+//! (a new Deployment, an image change, a pause, an opt-out) the daemon's watch has applied it,
+//! and how many LISTs it sent meanwhile (none, in steady state).
+//!
+//! "Applied" is observed from outside: the daemon counts every watch event it applies in
+//! `gar_restarter_watch_events_total`, polled every millisecond after the API server accepted
+//! the write. Each change is the only one in flight (Deployments have 0 replicas, so no
+//! controller churn follows), so the first event counted after the write is that change.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use gar_testsupport::daemon::{Daemon, DaemonSpec, free_addr};
+use gar_testsupport::emulator::Emulator;
+use gar_testsupport::kube_api::KubeApi;
+use gar_testsupport::metrics;
+use gar_testsupport::objects::deployment;
+use gar_testsupport::traffic::Recording;
+
+/// Changes measured per kind of change.
+const ROUNDS: usize = 40;
+const NAMESPACE: &str = "apps";
+
+pub struct Figures {
+    /// (change, p50 ms, p99 ms, max ms)
+    pub rows: Vec<(&'static str, f64, f64, f64)>,
+    pub lists_in_steady_state: usize,
+}
+
+fn events_applied(daemon: &Daemon) -> f64 {
+    metrics::value(
+        &daemon.metrics(),
+        "gar_restarter_watch_events_total{kind=\"deployments\"}",
+    )
+}
+
+fn zero_replicas(mut obj: serde_json::Value) -> serde_json::Value {
+    obj["spec"]["replicas"] = 0.into();
+    obj
+}
+
+/// Runs `change`, then waits until the daemon has applied one more watch event.
+async fn time_one(daemon: &Daemon, change: impl FnOnce()) -> Result<f64> {
+    let before = events_applied(daemon);
+    let started = Instant::now();
+    change();
+    let deadline = started + Duration::from_secs(10);
+    while events_applied(daemon) <= before {
+        if Instant::now() > deadline {
+            bail!("a change was not applied within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(started.elapsed().as_secs_f64() * 1e3)
+}
+
+fn summary(name: &'static str, mut ms: Vec<f64>) -> (&'static str, f64, f64, f64) {
+    ms.sort_by(f64::total_cmp);
+    let at = |p: f64| ms[((ms.len() - 1) as f64 * p).round() as usize];
+    (name, at(0.5), at(0.99), ms[ms.len() - 1])
+}
+
+pub async fn measure(binary: &Path) -> Result<Figures> {
+    let emu = Emulator::start("freshness", &["gcr", "dlq"], &[("gcr-sub", "gcr")]).await?;
+    let api = KubeApi::start()
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the control plane: {e}"))?;
+    for i in 0..ROUNDS {
+        api.insert(zero_replicas(deployment(
+            NAMESPACE,
+            &format!("web-{i}"),
+            &["europe-west4-docker.pkg.dev/p/r/web:v1"],
+        )));
+    }
+    let tmp = tempfile::tempdir()?;
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let spec = DaemonSpec {
+        binary: binary.to_owned(),
+        pubsub_host: emu.host(),
+        subscription: emu.subscription("gcr-sub"),
+        dead_letter_topic: emu.topic("dlq"),
+        kubeconfig,
+        cache_dir: tmp.path().join("cache"),
+        metrics_addr: free_addr()?,
+        log: tmp.path().join("daemon.log"),
+        log_filter: "warn".into(),
+        args: Vec::new(),
+        env: Vec::new(),
+    };
+    let mut daemon = Daemon::spawn(&spec)?;
+    daemon.wait_ready(Duration::from_secs(30)).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metrics::value(&daemon.metrics(), "gar_restarter_watch_synced") != 1.0 {
+        if Instant::now() > deadline {
+            bail!("the watch never listed:\n{}", daemon.log());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the controllers' status writes for the seeded objects pass.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let seen = api.requests().len();
+
+    let mut created = Vec::new();
+    for i in 0..ROUNDS {
+        let obj = zero_replicas(deployment(
+            NAMESPACE,
+            &format!("new-{i}"),
+            &["europe-west4-docker.pkg.dev/p/r/web:v1"],
+        ));
+        created.push(time_one(&daemon, || api.insert(obj)).await?);
+        settle().await;
+    }
+    let mut image = Vec::new();
+    for i in 0..ROUNDS {
+        let name = format!("web-{i}");
+        image.push(
+            time_one(&daemon, || {
+                api.modify("deployments", NAMESPACE, &name, |o| {
+                    o["spec"]["template"]["spec"]["containers"][0]["image"] =
+                        "europe-west4-docker.pkg.dev/p/r/web:v2".into();
+                });
+            })
+            .await?,
+        );
+        settle().await;
+    }
+    let mut pause = Vec::new();
+    for i in 0..ROUNDS {
+        let name = format!("web-{i}");
+        pause.push(
+            time_one(&daemon, || {
+                api.modify("deployments", NAMESPACE, &name, |o| {
+                    o["spec"]["paused"] = true.into();
+                });
+            })
+            .await?,
+        );
+        settle().await;
+    }
+    let mut opt_out = Vec::new();
+    for i in 0..ROUNDS {
+        let name = format!("new-{i}");
+        opt_out.push(
+            time_one(&daemon, || {
+                api.modify("deployments", NAMESPACE, &name, |o| {
+                    o["metadata"]["annotations"]["gar-restarter/enabled"] = "false".into();
+                });
+            })
+            .await?,
+        );
+        settle().await;
+    }
+    let lists_in_steady_state = api
+        .requests()
+        .into_iter()
+        .skip(seen)
+        .filter(|r| r.method == "GET" && r.query_param("watch").is_none())
+        .count();
+    daemon
+        .terminate(Duration::from_secs(10))
+        .context("stopping the daemon")?;
+    Ok(Figures {
+        rows: vec![
+            summary("create", created),
+            summary("image change", image),
+            summary("pause", pause),
+            summary("opt-out", opt_out),
+        ],
+        lists_in_steady_state,
+    })
+}
+
+/// The controller's own status write for a change (observedGeneration) follows it within
+/// milliseconds; waiting it out keeps the next round's first event the next round's change.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(150)).await;
+}
