@@ -266,6 +266,11 @@ struct Builder<'a> {
     index: Index,
     /// (kind, namespace, name) → id in `index.workloads`; borrowed from the file when possible.
     interned: HashMap<(WorkloadKind, Cow<'a, str>, Cow<'a, str>), u32, DefaultHashBuilder>,
+    /// The ids a key brings when it repeats, as (the key's `key_start`, `key_len`, id); the
+    /// two place a key uniquely, even the empty key, which starts where the next one does.
+    /// They join its list once, in [`Builder::into_index`]: re-copying the merged list on
+    /// every repeat cost K²/2 ids for K repeats (1.3 GB for a 984 KB `cache.json`).
+    repeats: Vec<(u32, u32, u32)>,
     /// Set when a key or id no longer fits a `u32`; reported by [`Index::from_json`].
     overflow: Option<usize>,
 }
@@ -291,23 +296,21 @@ impl<'a> Builder<'a> {
             })
     }
 
-    /// Adds `key` → `ids` (sorted and deduplicated here); a repeated key merges its lists.
+    /// Adds `key` → `ids` (sorted and deduplicated here); a repeated key merges its lists,
+    /// in [`Builder::into_index`], so a repeat costs its own ids and no more.
     fn add(&mut self, key: &str, ids: &mut Vec<u32>) {
         let index = &mut self.index;
-        if index.keys.len() + key.len() > u32::MAX as usize
-            || index.lists.len() + ids.len() > u32::MAX as usize
-        {
-            self.overflow = Some(index.keys.len() + key.len());
+        let key_bytes = index.keys.len() + key.len();
+        let refs = index.lists.len() + self.repeats.len() + ids.len();
+        if key_bytes > u32::MAX as usize || refs > u32::MAX as usize {
+            self.overflow = Some(key_bytes.max(refs));
             return;
         }
         let hash = index.hasher.hash_one(key);
         let keys = &index.keys;
-        if let Some(e) = index.table.find_mut(hash, |e| e.key(keys) == key) {
-            ids.extend_from_slice(e.ids(&index.lists));
-            sort_ids(&index.workloads, ids);
-            e.list_start = index.lists.len() as u32;
-            e.list_len = ids.len() as u32;
-            index.lists.extend_from_slice(ids);
+        if let Some(e) = index.table.find(hash, |e| e.key(keys) == key) {
+            let (start, len) = (e.key_start, e.key_len);
+            self.repeats.extend(ids.iter().map(|&id| (start, len, id)));
             return;
         }
         sort_ids(&index.workloads, ids);
@@ -325,15 +328,50 @@ impl<'a> Builder<'a> {
             .insert_unique(hash, entry, |e| hasher.hash_one(e.key(keys)));
     }
 
+    /// The index with every repeated key's ids merged into its list, sorted and
+    /// deduplicated: one pass over `lists`, however often keys repeated. Without repeats (a
+    /// file gar-restarter wrote, any normal one) the layout is left exactly as loaded.
+    fn into_index(self) -> Index {
+        let Builder {
+            mut index,
+            mut repeats,
+            ..
+        } = self;
+        if repeats.is_empty() {
+            return index;
+        }
+        // By key, and the same workload listed again under the same key only once.
+        repeats.sort_unstable();
+        repeats.dedup();
+        let mut lists = Vec::with_capacity(index.lists.len() + repeats.len());
+        let mut ids = Vec::new();
+        for e in index.table.iter_mut() {
+            let at = (e.key_start, e.key_len);
+            let from = repeats.partition_point(|&(start, len, _)| (start, len) < at);
+            let to = from + repeats[from..].partition_point(|&(start, len, _)| (start, len) == at);
+            let start = lists.len() as u32;
+            if from == to {
+                lists.extend_from_slice(e.ids(&index.lists));
+            } else {
+                ids.clear();
+                ids.extend_from_slice(e.ids(&index.lists));
+                ids.extend(repeats[from..to].iter().map(|&(_, _, id)| id));
+                sort_ids(&index.workloads, &mut ids);
+                lists.extend_from_slice(&ids);
+            }
+            e.list_start = start;
+            e.list_len = lists.len() as u32 - start;
+        }
+        index.lists = lists;
+        index
+    }
+
     /// `trusted`: the file carries a `version`, so gar-restarter wrote it and its keys are
     /// already normalised. Hand-written files get every key normalised (and lists merged
     /// where two spellings name the same image).
     fn finish(self, trusted: bool, generated_at: Option<String>, scope: Option<Scope>) -> Index {
-        let mut index = if trusted {
-            self.index
-        } else {
-            renormalise(self.index)
-        };
+        let index = self.into_index();
+        let mut index = if trusted { index } else { renormalise(index) };
         index.generated_at = generated_at;
         index.scope = scope;
         index.keys.shrink_to_fit();
@@ -366,7 +404,8 @@ fn renormalise(mut index: Index) -> Index {
             Err(_) => builder.add(key, &mut ids),
         }
     }
-    builder.index
+    // Spellings of one image (`app:v1@sha256:…`, `app:v2@sha256:…`, …) are repeats here.
+    builder.into_index()
 }
 
 fn sort_ids(workloads: &[WorkloadRef], ids: &mut Vec<u32>) {
@@ -543,5 +582,61 @@ mod tests {
         assert!(back.same_content(&idx));
         assert_eq!(back.generated_at(), Some("2026-01-01T00:00:00Z"));
         assert_eq!(idx.to_json(), back.to_json());
+    }
+
+    /// `serde_json` hands the loader every repeat of a key; each used to append a fresh copy
+    /// of the merged list, K²/2 ids for K repeats. Counted in ids stored, not timed.
+    #[test]
+    fn repeated_keys_cost_one_id_per_distinct_workload_not_a_copy_per_repeat() {
+        use std::fmt::Write;
+        const K: usize = 2_000;
+        let digest = format!("sha256:{}", "a".repeat(64));
+        // Written by us (`version`): keys taken as they are, two of them repeating in turn,
+        // and the empty key, which starts in `keys` where the next one does.
+        let mut trusted = String::from(r#"{"version": 1, "images": {"#);
+        // Hand-written: spellings that only normalisation finds to be one image.
+        let mut spellings = String::from(r#"{"images": {"#);
+        for i in 0..K {
+            let sep = if i == 0 { "" } else { "," };
+            let key = ["", "gcr.io/p/app:v1", "gcr.io/p/app:v2"][i % 3];
+            write!(
+                trusted,
+                r#"{sep}"{key}": [{{"name": "w{i}", "namespace": "ns"}}, {{"name": "shared", "namespace": "ns"}}]"#
+            )
+            .unwrap();
+            write!(
+                spellings,
+                r#"{sep}"gcr.io/p/app:t{i}@{digest}": [{{"name": "w{i}", "namespace": "ns"}}, {{"name": "shared", "namespace": "ns"}}]"#
+            )
+            .unwrap();
+        }
+        trusted.push_str("}}");
+        spellings.push_str("}}");
+
+        let idx = Index::from_json(trusted.as_bytes()).unwrap();
+        assert_eq!(idx.image_count(), 3);
+        // Each key: its third of the K workloads, and `shared` once.
+        let pairs = K + 3;
+        assert_eq!(idx.iter().map(|(_, list)| list.len()).sum::<usize>(), pairs);
+        assert!(idx.lists.len() <= pairs, "{} ids stored", idx.lists.len());
+        for (key, list) in idx.iter() {
+            let list: Vec<&WorkloadRef> = list.collect();
+            assert!(
+                list.windows(2).all(|w| w[0] < w[1]),
+                "{key:?}: sorted, no duplicates"
+            );
+            assert!(list.iter().any(|w| &*w.name == "shared"), "{key:?}");
+        }
+        let v2 = idx
+            .get(&ImageRef::parse("gcr.io/p/app:v2").unwrap())
+            .unwrap();
+        assert_eq!(v2.len(), K / 3 + 1);
+        assert!(v2.iter().any(|w| &*w.name == "w2") && !v2.iter().any(|w| &*w.name == "w1"));
+
+        let idx = Index::from_json(spellings.as_bytes()).unwrap();
+        assert_eq!(idx.image_count(), 1);
+        let app = ImageRef::parse(&format!("gcr.io/p/app@{digest}")).unwrap();
+        assert_eq!(idx.get(&app).unwrap().len(), K + 1);
+        assert!(idx.lists.len() <= K + 1, "{} ids stored", idx.lists.len());
     }
 }
