@@ -15,8 +15,10 @@ use crate::act::decide::{Push, Skip};
 use crate::act::dedupe::{BoundedTtlMap, InFlight};
 use crate::act::restart::{RestartError, RestartOutcome, Restarter};
 use crate::index::live::{Key, key_of};
-use crate::index::lookup::Lookup;
+use crate::index::lookup::{Lookup, LookupError};
+use crate::index::workload::WorkloadRef;
 use crate::ingest::event::{self, Event};
+use crate::ingest::image::ImageRef;
 use crate::ingest::inbound::{Inbound, delivery_key};
 use crate::ops::metrics::Metrics;
 use crate::ops::metrics::{ActionLabels, RestartLabels};
@@ -156,6 +158,30 @@ impl<L: Lookup, D: DeadLetterSink> Pipeline<L, D> {
 
     async fn process_inner(&self, msg: &Inbound, attempt: u32) -> Settlement {
         let received = Instant::now();
+        let push = match self.classify(msg) {
+            Ok(push) => push,
+            Err(settled) => return settled,
+        };
+        let workloads = match self.look_up(&push.image).await {
+            Ok(w) if w.is_empty() => {
+                tracing::debug!(image = %push.image, "no workload runs this image");
+                return Settlement::Ack {
+                    outcome: "no_match",
+                };
+            }
+            Ok(w) => w,
+            Err(e) => return self.transient_failure(attempt, format!("message {}: {e}", msg.id)),
+        };
+        let jobs = workloads
+            .iter()
+            .map(|w| self.restart_one(w, &push, msg, received));
+        let results = join_all(jobs).await;
+        self.verdict(&results, msg, attempt, &push)
+    }
+
+    /// Parses the payload and says what kind of event it is: a tag push to act on (with the
+    /// span's image attributes set), or the settlement of anything else.
+    fn classify(&self, msg: &Inbound) -> Result<Push, Settlement> {
         let parsed = {
             let _span = tracing::info_span!("parse", bytes = msg.data.len()).entered();
             event::parse(&msg.data)
@@ -165,132 +191,137 @@ impl<L: Lookup, D: DeadLetterSink> Pipeline<L, D> {
             Err(e) => {
                 self.count_action("malformed");
                 tracing::warn!(message_id = %msg.id, error = %e, "malformed message");
-                return Settlement::DeadLetter {
+                return Err(Settlement::DeadLetter {
                     kind: DeadLetterKind::Malformed,
                     reason: format!("message {}: {e}", msg.id),
-                };
+                });
             }
         };
         let current = tracing::Span::current();
-        match &event {
+        let (tag, digest) = match event {
             Event::Delete { reference } => {
                 self.count_action("delete");
                 current.record("gar.image", reference.as_str());
-                return Settlement::Ack { outcome: "delete" };
+                return Err(Settlement::Ack { outcome: "delete" });
             }
             Event::InsertDigestOnly { digest } => {
                 self.count_action("insert_digest_only");
                 current.record("gar.image", digest.as_str());
-                return Settlement::Ack {
+                return Err(Settlement::Ack {
                     outcome: "digest_only",
-                };
+                });
             }
-            Event::Insert { .. } => self.count_action("insert"),
-        }
-        let Event::Insert { tag, digest } = event else {
-            return Settlement::Ack { outcome: "ignored" };
+            Event::Insert { tag, digest } => {
+                self.count_action("insert");
+                (tag, digest)
+            }
         };
         current.record("gar.image", tag.as_str());
         if let Some(d) = &digest {
             current.record("gar.digest", d.as_str());
         }
-
-        let lookup_span =
-            tracing::info_span!("lookup", image = %tag, source = field::Empty, hits = field::Empty);
-        let started = Instant::now();
-        let hits = match self
-            .lookup
-            .lookup(&tag)
-            .instrument(lookup_span.clone())
-            .await
-        {
-            Ok(h) => h,
-            Err(e) => {
-                return self.transient_failure(attempt, format!("message {}: {e}", msg.id));
-            }
-        };
-        self.metrics
-            .observe_lookup(hits.source.as_str(), started.elapsed());
-        lookup_span.record("source", hits.source.as_str());
-        lookup_span.record("hits", hits.workloads.len());
-        if hits.workloads.is_empty() {
-            tracing::debug!(image = %tag, "no workload runs this image");
-            return Settlement::Ack {
-                outcome: "no_match",
-            };
-        }
-
-        let push = Push {
-            image: tag.clone(),
-            digest: digest.clone(),
+        Ok(Push {
+            image: tag,
+            digest,
             published_at: msg
                 .publish_time
                 .map(time::OffsetDateTime::from)
                 .unwrap_or_else(time::OffsetDateTime::now_utc),
-        };
-        let tag = &tag;
-        let push = &push;
-        let jobs = hits.workloads.iter().map(|w| {
-            let span = tracing::info_span!(
-                "restart",
-                "k8s.namespace.name" = %w.namespace,
-                "k8s.workload.kind" = w.kind.as_str(),
-                "k8s.workload.name" = %w.name,
-                result = field::Empty,
-            );
-            async move {
-                // Held until this restart is done, so that a copy of the event processed
-                // concurrently decides on what this one did.
-                let _claim = self.inflight.claim(key_of(w)).await;
-                // The first PATCH only: a retry's latency is the API's doing, not ours.
-                let first_send = std::sync::Once::new();
-                let on_send = || {
-                    first_send.call_once(|| {
-                        self.metrics
-                            .receive_to_patch_seconds
-                            .observe(received.elapsed().as_secs_f64())
-                    })
-                };
-                let result = self.restarter.restart(w, push, on_send).await;
-                let label = match &result {
-                    Ok(o) => o.as_str(),
-                    Err(e) if e.is_transient() => "transient_error",
-                    Err(_) => "permanent_error",
-                };
-                tracing::Span::current().record("result", label);
-                self.metrics
-                    .restarts
-                    .get_or_create(&RestartLabels {
-                        kind: w.kind.as_str(),
-                        namespace: w.namespace.to_string(),
-                        result: label,
-                    })
-                    .inc();
-                match &result {
-                    Ok(RestartOutcome::Restarted) => {
-                        if let Some(lag) = msg.publish_time.and_then(|t| t.elapsed().ok()) {
-                            self.metrics.push_to_restart_seconds.observe(lag.as_secs_f64());
-                        }
-                        self.metrics
-                            .receive_to_restart_seconds
-                            .observe(received.elapsed().as_secs_f64());
-                        tracing::info!(workload = %w, image = %tag, digest = push.digest.as_deref(), "restarted");
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(workload = %w, error = %e, "restart failed"),
-                }
-                (w, result)
-            }
-            .instrument(span)
-        });
-        let results = join_all(jobs).await;
+        })
+    }
 
+    /// The workloads that run `tag`, in a `lookup` span, timed by source.
+    async fn look_up(&self, tag: &ImageRef) -> Result<Arc<[WorkloadRef]>, LookupError> {
+        let span =
+            tracing::info_span!("lookup", image = %tag, source = field::Empty, hits = field::Empty);
+        let started = Instant::now();
+        let hits = self.lookup.lookup(tag).instrument(span.clone()).await?;
+        self.metrics
+            .observe_lookup(hits.source.as_str(), started.elapsed());
+        span.record("source", hits.source.as_str());
+        span.record("hits", hits.workloads.len());
+        Ok(hits.workloads)
+    }
+
+    /// Decides on and restarts one workload, in its `restart` span, and counts the result.
+    async fn restart_one<'w>(
+        &self,
+        w: &'w WorkloadRef,
+        push: &Push,
+        msg: &Inbound,
+        received: Instant,
+    ) -> (&'w WorkloadRef, Result<RestartOutcome, RestartError>) {
+        let span = tracing::info_span!(
+            "restart",
+            "k8s.namespace.name" = %w.namespace,
+            "k8s.workload.kind" = w.kind.as_str(),
+            "k8s.workload.name" = %w.name,
+            result = field::Empty,
+        );
+        async move {
+            // Held until this restart is done, so that a copy of the event processed
+            // concurrently decides on what this one did.
+            let _claim = self.inflight.claim(key_of(w)).await;
+            // The first PATCH only: a retry's latency is the API's doing, not ours.
+            let first_send = std::sync::Once::new();
+            let on_send = || {
+                first_send.call_once(|| {
+                    self.metrics
+                        .receive_to_patch_seconds
+                        .observe(received.elapsed().as_secs_f64())
+                })
+            };
+            let result = self.restarter.restart(w, push, on_send).await;
+            let label = match &result {
+                Ok(o) => o.as_str(),
+                Err(e) if e.is_transient() => "transient_error",
+                Err(_) => "permanent_error",
+            };
+            tracing::Span::current().record("result", label);
+            self.metrics
+                .restarts
+                .get_or_create(&RestartLabels {
+                    kind: w.kind.as_str(),
+                    namespace: w.namespace.to_string(),
+                    result: label,
+                })
+                .inc();
+            match &result {
+                Ok(RestartOutcome::Restarted) => {
+                    if let Some(lag) = msg.publish_time.and_then(|t| t.elapsed().ok()) {
+                        self.metrics.push_to_restart_seconds.observe(lag.as_secs_f64());
+                    }
+                    self.metrics
+                        .receive_to_restart_seconds
+                        .observe(received.elapsed().as_secs_f64());
+                    tracing::info!(workload = %w, image = %push.image, digest = push.digest.as_deref(), "restarted");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(workload = %w, error = %e, "restart failed"),
+            }
+            (w, result)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// One settlement from the per-workload results: retry what failed transiently (the
+    /// restarted ones are recorded and will be skipped), dead-letter permanent failures
+    /// naming each workload, or ack with what was done.
+    fn verdict(
+        &self,
+        results: &[(&WorkloadRef, Result<RestartOutcome, RestartError>)],
+        msg: &Inbound,
+        attempt: u32,
+        push: &Push,
+    ) -> Settlement {
+        let tag = &push.image;
         let mut transient: Vec<&RestartError> = Vec::new();
         let mut permanent: Vec<&RestartError> = Vec::new();
         let mut restarted = 0usize;
         let mut dry_run = false;
         let mut stale = false;
-        for (_, r) in &results {
+        for (_, r) in results {
             match r {
                 Ok(RestartOutcome::Restarted) => restarted += 1,
                 Ok(RestartOutcome::DryRun) => dry_run = true,

@@ -107,7 +107,7 @@ impl<D: DeadLetterSink> Settler<D> {
         handle: H,
         span: &tracing::Span,
     ) -> Settled {
-        let settled = match settlement {
+        match settlement {
             Settlement::Ack { outcome } => {
                 span.record("action", "ack");
                 span.record("reason", outcome);
@@ -169,8 +169,7 @@ impl<D: DeadLetterSink> Settler<D> {
                     }
                 }
             }
-        };
-        settled
+        }
     }
 }
 
