@@ -1,5 +1,6 @@
-//! In-process pipeline throughput: an in-memory source feeds the real parse → lookup → settle
-//! path (non-matching events, so no PATCH), with a kube client pointed at the fake API.
+//! In-process pipeline throughput: an in-memory source feeds the real delivery path
+//! (`Pipeline::handle`: span, attempt, parse → lookup, settle; non-matching events, so no
+//! PATCH), with a kube client pointed at the fake API.
 //!
 //! `cargo bench --bench pipeline`
 
@@ -11,10 +12,11 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use gar_restarter::act::restart::{Restarter, RestarterConfig};
 use gar_restarter::index::lookup::SharedIndex;
 use gar_restarter::index::table::Index;
+use gar_restarter::ingest::inbound::Inbound;
 use gar_restarter::ops::metrics::Metrics;
-use gar_restarter::pipeline::{Inbound, Pipeline, PipelineConfig};
+use gar_restarter::pipeline::{Context, Pipeline, PipelineConfig};
 use gar_restarter::settle::deadletter::{DeadLetter, DeadLetterSink, PublishError};
-use gar_restarter::settle::{AckHandle, settle};
+use gar_restarter::settle::{AckHandle, Settler};
 use gar_testsupport::fake_api::FakeApi;
 use gar_testsupport::fixtures;
 
@@ -52,7 +54,14 @@ fn bench(c: &mut Criterion) {
     let pipeline = Arc::new(Pipeline::new(
         Arc::new(index),
         Restarter::new(client, RestarterConfig::default()),
-        metrics.clone(),
+        Context {
+            settler: Settler {
+                sink: Arc::new(NullSink),
+                subscription: Arc::from("projects/p/subscriptions/s"),
+                metrics,
+            },
+            abort: tokio_util::sync::CancellationToken::new(),
+        },
         PipelineConfig { max_attempts: 5 },
     ));
     // Events for images nobody runs: the whole path except the PATCH.
@@ -66,7 +75,6 @@ fn bench(c: &mut Criterion) {
         })
         .collect();
     let messages = Arc::new(messages);
-    let sink = Arc::new(NullSink);
 
     let mut g = c.benchmark_group("pipeline");
     g.throughput(Throughput::Elements(BATCH as u64));
@@ -75,32 +83,15 @@ fn bench(c: &mut Criterion) {
         b.to_async(&rt).iter(|| {
             let pipeline = pipeline.clone();
             let messages = messages.clone();
-            let sink = sink.clone();
-            let metrics = metrics.clone();
             async move {
                 // Two workers, like the daemon's runtime on this 2-core machine.
                 let mut tasks = Vec::new();
                 for w in 0..2 {
-                    let (pipeline, messages, sink, metrics) = (
-                        pipeline.clone(),
-                        messages.clone(),
-                        sink.clone(),
-                        metrics.clone(),
-                    );
+                    let (pipeline, messages) = (pipeline.clone(), messages.clone());
                     tasks.push(tokio::spawn(async move {
+                        // What the source does per message: one call, span to settle.
                         for msg in messages.iter().skip(w).step_by(2) {
-                            let attempt = pipeline.attempt(msg);
-                            let s = pipeline.process(msg, attempt).await;
-                            settle(
-                                s,
-                                msg,
-                                attempt,
-                                NoopHandle,
-                                &*sink,
-                                "projects/p/subscriptions/s",
-                                &metrics,
-                            )
-                            .await;
+                            pipeline.handle(msg.clone(), NoopHandle).await;
                         }
                     }));
                 }

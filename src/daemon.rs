@@ -18,7 +18,8 @@ use crate::ingest::source::{self, SourceConfig};
 use crate::ops::health::Health;
 use crate::ops::metrics::Metrics;
 use crate::ops::server::{self, BindError};
-use crate::pipeline::{Pipeline, PipelineConfig};
+use crate::pipeline::{Context, Pipeline, PipelineConfig};
+use crate::settle::Settler;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -111,12 +112,18 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
     let pipeline = Arc::new(Pipeline::new(
         index,
         restarter,
-        metrics.clone(),
+        Context {
+            settler: Settler {
+                sink: Arc::new(sink),
+                subscription: Arc::from(args.subscription.as_str()),
+                metrics: metrics.clone(),
+            },
+            abort: CancellationToken::new(),
+        },
         PipelineConfig {
             max_attempts: args.max_attempts,
         },
     ));
-    let sink = Arc::new(sink);
     if let Some(endpoint) = pubsub::emulator_endpoint() {
         tracing::info!(%endpoint, "using the Pub/Sub emulator (PUBSUB_EMULATOR_HOST)");
     }
@@ -131,8 +138,6 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
             max_lease: (args.retry_budget * 4).max(Duration::from_secs(60)),
         },
         pipeline,
-        sink,
-        metrics,
         health,
         shutdown,
     )

@@ -1,58 +1,46 @@
-//! The per-message pipeline: parse → look up → restart, ending in a [`Settlement`] that the
-//! settle stage carries out. Nothing here touches Pub/Sub, so every path is testable with an
-//! in-memory message.
+//! One delivery, driven from one place: [`Pipeline::handle`] opens the consumer span, counts
+//! the attempt, runs parse → look up → act ([`Pipeline::process`]) and settles the result.
+//! The source makes one call per message; nothing here touches Pub/Sub itself, so every path
+//! is testable with an in-memory message and ack handle.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::future::join_all;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field};
 
 use crate::act::decide::{Push, Skip};
 use crate::act::dedupe::{BoundedTtlMap, InFlight};
 use crate::act::restart::{RestartError, RestartOutcome, Restarter};
 use crate::index::live::{Key, key_of};
-use crate::index::lookup::Lookup;
+use crate::index::lookup::{Lookup, LookupError};
+use crate::index::workload::WorkloadRef;
 use crate::ingest::event::{self, Event};
+use crate::ingest::image::ImageRef;
+use crate::ingest::inbound::{Inbound, delivery_key};
 use crate::ops::metrics::Metrics;
 use crate::ops::metrics::{ActionLabels, RestartLabels};
-use crate::settle::deadletter::DeadLetterKind;
-
-/// A received message, independent of the transport.
-#[derive(Debug, Clone)]
-pub struct Inbound {
-    pub id: String,
-    pub data: Bytes,
-    pub attributes: HashMap<String, String>,
-    pub publish_time: Option<SystemTime>,
-    /// Pub/Sub's count, present only when the subscription has a dead-letter policy.
-    pub delivery_attempt: Option<i32>,
-}
-
-/// What to do with a message once the work is over.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Settlement {
-    /// Done (or nothing to do): `outcome` says which, for logs and metrics.
-    Ack { outcome: &'static str },
-    /// Retry later by redelivery.
-    Nack { reason: String },
-    /// Give up: publish to the dead-letter topic, then ack.
-    DeadLetter {
-        kind: DeadLetterKind,
-        reason: String,
-    },
-}
+use crate::settle::deadletter::{DeadLetterKind, DeadLetterSink};
+use crate::settle::{AckHandle, Settled, Settlement, Settler};
 
 pub struct PipelineConfig {
     pub max_attempts: u32,
 }
 
-pub struct Pipeline<L> {
+/// What every delivery shares besides the stages: where settlements go (sink, subscription,
+/// metrics) and the token that tells unfinished deliveries to give up at shutdown.
+pub struct Context<D> {
+    pub settler: Settler<D>,
+    /// Cancelled when the drain timeout is over: a delivery still running nacks its message.
+    pub abort: CancellationToken,
+}
+
+pub struct Pipeline<L, D> {
     lookup: Arc<L>,
     restarter: Restarter,
+    ctx: Context<D>,
     metrics: Arc<Metrics>,
     /// Workloads whose decision and PATCH are running: a concurrent event for the same
     /// workload waits, then decides on what the first one did.
@@ -67,40 +55,69 @@ pub struct Pipeline<L> {
 /// Attempt counts kept at most; ~100 bytes each, so about 10 MB at worst.
 const ATTEMPTS_CAPACITY: usize = 100_000;
 
-/// Identifies one published message across its redeliveries: the message id plus the
-/// publish time the service stamped on it.
-///
-/// The id alone is not enough: an emulator (and a re-created topic) hands out `m0, m1, …`
-/// again after a restart, and a new message that reused an id would inherit the old one's
-/// attempt count or, for a tag-only event, be skipped as a "duplicate" of it. A redelivery
-/// carries the same publish time, so it still maps to the same key.
-pub fn delivery_key(msg: &Inbound) -> String {
-    let published = msg
-        .publish_time
-        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
-    match published {
-        Some(at) => format!("{}@{}.{:09}", msg.id, at.as_secs(), at.subsec_nanos()),
-        None => msg.id.clone(),
-    }
-}
-
-impl<L: Lookup> Pipeline<L> {
+impl<L: Lookup, D: DeadLetterSink> Pipeline<L, D> {
     pub fn new(
         lookup: Arc<L>,
         restarter: Restarter,
-        metrics: Arc<Metrics>,
+        ctx: Context<D>,
         config: PipelineConfig,
     ) -> Self {
         Self {
             lookup,
             restarter,
-            metrics,
+            metrics: ctx.settler.metrics.clone(),
+            ctx,
             inflight: InFlight::new(),
             // Long enough to outlive any redelivery cycle of a failing message.
             attempts: BoundedTtlMap::new(Duration::from_secs(6 * 3600), ATTEMPTS_CAPACITY),
             max_attempts: config.max_attempts,
             warned_per_process: AtomicBool::new(false),
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The token [`Context::abort`]: the source cancels it when the drain timeout is over.
+    pub fn abort_token(&self) -> CancellationToken {
+        self.ctx.abort.clone()
+    }
+
+    /// One delivery, transport aside: the consumer span (continuing the publisher's trace),
+    /// the attempt, the work, then settle. `None` when shutdown aborted it (it is nacked).
+    pub async fn handle<H: AckHandle>(&self, msg: Inbound, handle: H) -> Option<Settled> {
+        let attempt = self.attempt(&msg);
+        let span = process_span(&self.ctx.settler.subscription, &msg, attempt);
+        crate::ops::telemetry::continue_trace(&span, &msg.attributes);
+        self.metrics.in_flight.inc();
+        let settled = async {
+            tokio::select! {
+                biased;
+                settlement = self.process(&msg, attempt) => {
+                    Some(self.ctx.settler.settle(settlement, &msg, attempt, handle).await)
+                }
+                _ = self.ctx.abort.cancelled() => {
+                    handle.nack();
+                    tracing::warn!(message_id = %msg.id, "shutdown: nacked unfinished message");
+                    None
+                }
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        self.metrics.in_flight.dec();
+        // The consumer span fails when the message was not done with: retried or given up on.
+        let failed = match settled {
+            Some(Settled::Acked) => None,
+            Some(s) => Some(s.as_str()),
+            None => Some("shutdown"),
+        };
+        if let Some(error_type) = failed {
+            span.record("otel.status_code", "error");
+            span.record("error.type", error_type);
+        }
+        settled
     }
 
     /// The delivery number of this message: Pub/Sub's when it knows it, ours otherwise.
@@ -141,6 +158,30 @@ impl<L: Lookup> Pipeline<L> {
 
     async fn process_inner(&self, msg: &Inbound, attempt: u32) -> Settlement {
         let received = Instant::now();
+        let push = match self.classify(msg) {
+            Ok(push) => push,
+            Err(settled) => return settled,
+        };
+        let workloads = match self.look_up(&push.image).await {
+            Ok(w) if w.is_empty() => {
+                tracing::debug!(image = %push.image, "no workload runs this image");
+                return Settlement::Ack {
+                    outcome: "no_match",
+                };
+            }
+            Ok(w) => w,
+            Err(e) => return self.transient_failure(attempt, format!("message {}: {e}", msg.id)),
+        };
+        let jobs = workloads
+            .iter()
+            .map(|w| self.restart_one(w, &push, msg, received));
+        let results = join_all(jobs).await;
+        self.verdict(&results, msg, attempt, &push)
+    }
+
+    /// Parses the payload and says what kind of event it is: a tag push to act on (with the
+    /// span's image attributes set), or the settlement of anything else.
+    fn classify(&self, msg: &Inbound) -> Result<Push, Settlement> {
         let parsed = {
             let _span = tracing::info_span!("parse", bytes = msg.data.len()).entered();
             event::parse(&msg.data)
@@ -150,132 +191,137 @@ impl<L: Lookup> Pipeline<L> {
             Err(e) => {
                 self.count_action("malformed");
                 tracing::warn!(message_id = %msg.id, error = %e, "malformed message");
-                return Settlement::DeadLetter {
+                return Err(Settlement::DeadLetter {
                     kind: DeadLetterKind::Malformed,
                     reason: format!("message {}: {e}", msg.id),
-                };
+                });
             }
         };
         let current = tracing::Span::current();
-        match &event {
+        let (tag, digest) = match event {
             Event::Delete { reference } => {
                 self.count_action("delete");
                 current.record("gar.image", reference.as_str());
-                return Settlement::Ack { outcome: "delete" };
+                return Err(Settlement::Ack { outcome: "delete" });
             }
             Event::InsertDigestOnly { digest } => {
                 self.count_action("insert_digest_only");
                 current.record("gar.image", digest.as_str());
-                return Settlement::Ack {
+                return Err(Settlement::Ack {
                     outcome: "digest_only",
-                };
+                });
             }
-            Event::Insert { .. } => self.count_action("insert"),
-        }
-        let Event::Insert { tag, digest } = event else {
-            return Settlement::Ack { outcome: "ignored" };
+            Event::Insert { tag, digest } => {
+                self.count_action("insert");
+                (tag, digest)
+            }
         };
         current.record("gar.image", tag.as_str());
         if let Some(d) = &digest {
             current.record("gar.digest", d.as_str());
         }
-
-        let lookup_span =
-            tracing::info_span!("lookup", image = %tag, source = field::Empty, hits = field::Empty);
-        let started = Instant::now();
-        let hits = match self
-            .lookup
-            .lookup(&tag)
-            .instrument(lookup_span.clone())
-            .await
-        {
-            Ok(h) => h,
-            Err(e) => {
-                return self.transient_failure(attempt, format!("message {}: {e}", msg.id));
-            }
-        };
-        self.metrics
-            .observe_lookup(hits.source.as_str(), started.elapsed());
-        lookup_span.record("source", hits.source.as_str());
-        lookup_span.record("hits", hits.workloads.len());
-        if hits.workloads.is_empty() {
-            tracing::debug!(image = %tag, "no workload runs this image");
-            return Settlement::Ack {
-                outcome: "no_match",
-            };
-        }
-
-        let push = Push {
-            image: tag.clone(),
-            digest: digest.clone(),
+        Ok(Push {
+            image: tag,
+            digest,
             published_at: msg
                 .publish_time
                 .map(time::OffsetDateTime::from)
                 .unwrap_or_else(time::OffsetDateTime::now_utc),
-        };
-        let tag = &tag;
-        let push = &push;
-        let jobs = hits.workloads.iter().map(|w| {
-            let span = tracing::info_span!(
-                "restart",
-                "k8s.namespace.name" = %w.namespace,
-                "k8s.workload.kind" = w.kind.as_str(),
-                "k8s.workload.name" = %w.name,
-                result = field::Empty,
-            );
-            async move {
-                // Held until this restart is done, so that a copy of the event processed
-                // concurrently decides on what this one did.
-                let _claim = self.inflight.claim(key_of(w)).await;
-                // The first PATCH only: a retry's latency is the API's doing, not ours.
-                let first_send = std::sync::Once::new();
-                let on_send = || {
-                    first_send.call_once(|| {
-                        self.metrics
-                            .receive_to_patch_seconds
-                            .observe(received.elapsed().as_secs_f64())
-                    })
-                };
-                let result = self.restarter.restart(w, push, on_send).await;
-                let label = match &result {
-                    Ok(o) => o.as_str(),
-                    Err(e) if e.is_transient() => "transient_error",
-                    Err(_) => "permanent_error",
-                };
-                tracing::Span::current().record("result", label);
-                self.metrics
-                    .restarts
-                    .get_or_create(&RestartLabels {
-                        kind: w.kind.as_str(),
-                        namespace: w.namespace.to_string(),
-                        result: label,
-                    })
-                    .inc();
-                match &result {
-                    Ok(RestartOutcome::Restarted) => {
-                        if let Some(lag) = msg.publish_time.and_then(|t| t.elapsed().ok()) {
-                            self.metrics.push_to_restart_seconds.observe(lag.as_secs_f64());
-                        }
-                        self.metrics
-                            .receive_to_restart_seconds
-                            .observe(received.elapsed().as_secs_f64());
-                        tracing::info!(workload = %w, image = %tag, digest = push.digest.as_deref(), "restarted");
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(workload = %w, error = %e, "restart failed"),
-                }
-                (w, result)
-            }
-            .instrument(span)
-        });
-        let results = join_all(jobs).await;
+        })
+    }
 
+    /// The workloads that run `tag`, in a `lookup` span, timed by source.
+    async fn look_up(&self, tag: &ImageRef) -> Result<Arc<[WorkloadRef]>, LookupError> {
+        let span =
+            tracing::info_span!("lookup", image = %tag, source = field::Empty, hits = field::Empty);
+        let started = Instant::now();
+        let hits = self.lookup.lookup(tag).instrument(span.clone()).await?;
+        self.metrics
+            .observe_lookup(hits.source.as_str(), started.elapsed());
+        span.record("source", hits.source.as_str());
+        span.record("hits", hits.workloads.len());
+        Ok(hits.workloads)
+    }
+
+    /// Decides on and restarts one workload, in its `restart` span, and counts the result.
+    async fn restart_one<'w>(
+        &self,
+        w: &'w WorkloadRef,
+        push: &Push,
+        msg: &Inbound,
+        received: Instant,
+    ) -> (&'w WorkloadRef, Result<RestartOutcome, RestartError>) {
+        let span = tracing::info_span!(
+            "restart",
+            "k8s.namespace.name" = %w.namespace,
+            "k8s.workload.kind" = w.kind.as_str(),
+            "k8s.workload.name" = %w.name,
+            result = field::Empty,
+        );
+        async move {
+            // Held until this restart is done, so that a copy of the event processed
+            // concurrently decides on what this one did.
+            let _claim = self.inflight.claim(key_of(w)).await;
+            // The first PATCH only: a retry's latency is the API's doing, not ours.
+            let first_send = std::sync::Once::new();
+            let on_send = || {
+                first_send.call_once(|| {
+                    self.metrics
+                        .receive_to_patch_seconds
+                        .observe(received.elapsed().as_secs_f64())
+                })
+            };
+            let result = self.restarter.restart(w, push, on_send).await;
+            let label = match &result {
+                Ok(o) => o.as_str(),
+                Err(e) if e.is_transient() => "transient_error",
+                Err(_) => "permanent_error",
+            };
+            tracing::Span::current().record("result", label);
+            self.metrics
+                .restarts
+                .get_or_create(&RestartLabels {
+                    kind: w.kind.as_str(),
+                    namespace: w.namespace.to_string(),
+                    result: label,
+                })
+                .inc();
+            match &result {
+                Ok(RestartOutcome::Restarted) => {
+                    if let Some(lag) = msg.publish_time.and_then(|t| t.elapsed().ok()) {
+                        self.metrics.push_to_restart_seconds.observe(lag.as_secs_f64());
+                    }
+                    self.metrics
+                        .receive_to_restart_seconds
+                        .observe(received.elapsed().as_secs_f64());
+                    tracing::info!(workload = %w, image = %push.image, digest = push.digest.as_deref(), "restarted");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(workload = %w, error = %e, "restart failed"),
+            }
+            (w, result)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// One settlement from the per-workload results: retry what failed transiently (the
+    /// restarted ones are recorded and will be skipped), dead-letter permanent failures
+    /// naming each workload, or ack with what was done.
+    fn verdict(
+        &self,
+        results: &[(&WorkloadRef, Result<RestartOutcome, RestartError>)],
+        msg: &Inbound,
+        attempt: u32,
+        push: &Push,
+    ) -> Settlement {
+        let tag = &push.image;
         let mut transient: Vec<&RestartError> = Vec::new();
         let mut permanent: Vec<&RestartError> = Vec::new();
         let mut restarted = 0usize;
         let mut dry_run = false;
         let mut stale = false;
-        for (_, r) in &results {
+        for (_, r) in results {
             match r {
                 Ok(RestartOutcome::Restarted) => restarted += 1,
                 Ok(RestartOutcome::DryRun) => dry_run = true,
@@ -336,34 +382,24 @@ impl<L: Lookup> Pipeline<L> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn msg(id: &str, published_secs: Option<u64>) -> Inbound {
-        Inbound {
-            id: id.to_string(),
-            data: Bytes::new(),
-            attributes: HashMap::new(),
-            publish_time: published_secs.map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s)),
-            delivery_attempt: None,
-        }
-    }
-
-    #[test]
-    fn delivery_key_tells_reused_ids_apart() {
-        assert_eq!(
-            delivery_key(&msg("m0", Some(7))),
-            delivery_key(&msg("m0", Some(7)))
-        );
-        assert_ne!(
-            delivery_key(&msg("m0", Some(7))),
-            delivery_key(&msg("m0", Some(8)))
-        );
-        assert_ne!(
-            delivery_key(&msg("m0", Some(7))),
-            delivery_key(&msg("m1", Some(7)))
-        );
-        assert_eq!(delivery_key(&msg("m0", None)), "m0");
-    }
+/// The consumer span, named and attributed per the OpenTelemetry messaging conventions.
+pub fn process_span(subscription: &str, msg: &Inbound, attempt: u32) -> tracing::Span {
+    let short = subscription.rsplit('/').next().unwrap_or(subscription);
+    tracing::info_span!(
+        "process",
+        "otel.name" = %format!("process {short}"),
+        "otel.kind" = "consumer",
+        "messaging.system" = "gcp_pubsub",
+        "messaging.operation.type" = "process",
+        "messaging.operation.name" = "process",
+        "messaging.destination.subscription.name" = %subscription,
+        "messaging.message.id" = %msg.id,
+        "messaging.gcp_pubsub.message.delivery_attempt" = attempt,
+        "messaging.message.body.size" = msg.data.len(),
+        "gar.image" = field::Empty,
+        "gar.digest" = field::Empty,
+        "otel.status_code" = field::Empty,
+        "error.type" = field::Empty,
+        trace_id = field::Empty,
+    )
 }

@@ -16,12 +16,12 @@ use gar_restarter::index::lookup::SharedIndex;
 use gar_restarter::index::table::{Index, Scope};
 use gar_restarter::index::workload::{WorkloadKind, WorkloadRef};
 use gar_restarter::ingest::image::ImageRef;
-use gar_restarter::ingest::source;
+use gar_restarter::ingest::inbound::Inbound;
 use gar_restarter::ops::metrics::Metrics;
 use gar_restarter::ops::telemetry::{TRACEPARENT_ATTRIBUTE, otel_targets};
-use gar_restarter::pipeline::{Inbound, Pipeline, PipelineConfig};
+use gar_restarter::pipeline::{Context, Pipeline, PipelineConfig};
 use gar_restarter::settle::deadletter::{DeadLetter, DeadLetterSink, PublishError};
-use gar_restarter::settle::{AckHandle, Settled};
+use gar_restarter::settle::{AckHandle, Settled, Settler};
 use gar_testsupport::kube_api::KubeApi;
 use gar_testsupport::objects::deployment;
 use gar_testsupport::traffic::Recording;
@@ -68,9 +68,9 @@ struct Fixture {
     provider: SdkTracerProvider,
     _subscriber: tracing::subscriber::DefaultGuard,
     api: std::sync::Arc<KubeApi>,
-    pipeline: Pipeline<SharedIndex>,
+    pipeline: Pipeline<SharedIndex, MemorySink>,
     metrics: Arc<Metrics>,
-    sink: MemorySink,
+    sink: Arc<MemorySink>,
 }
 
 impl Fixture {
@@ -131,10 +131,18 @@ impl Fixture {
                 ..RestarterConfig::default()
             },
         );
+        let sink = Arc::new(MemorySink::default());
         let pipeline = Pipeline::new(
             Arc::new(SharedIndex::new(index)),
             restarter,
-            metrics.clone(),
+            Context {
+                settler: Settler {
+                    sink: sink.clone(),
+                    subscription: Arc::from(SUBSCRIPTION),
+                    metrics: metrics.clone(),
+                },
+                abort: CancellationToken::new(),
+            },
             PipelineConfig { max_attempts: 5 },
         );
         Fixture {
@@ -144,23 +152,14 @@ impl Fixture {
             api,
             pipeline,
             metrics,
-            sink: MemorySink::default(),
+            sink,
         }
     }
 
-    /// Runs one delivery exactly as `source::handle_message` does.
+    /// Runs one delivery exactly as the source does: one `Pipeline::handle` call.
     async fn deliver(&self, msg: Inbound) -> (Option<Settled>, Vec<&'static str>) {
         let handle = Handle::default();
-        let settled = source::process_inbound(
-            msg,
-            handle.clone(),
-            SUBSCRIPTION,
-            &self.pipeline,
-            &self.sink,
-            &self.metrics,
-            &CancellationToken::new(),
-        )
-        .await;
+        let settled = self.pipeline.handle(msg, handle.clone()).await;
         let calls = handle.0.lock().unwrap().clone();
         (settled, calls)
     }

@@ -7,6 +7,13 @@ use google_cloud_pubsub::model::Message;
 
 use crate::settle::deadletter::{DeadLetter, DeadLetterSink, PublishError};
 
+/// The ack deadline requested for received messages and for each lease extension (the daemon's
+/// stream and `dlq replay`). The SDK extends leases every 3 s, so this leaves ample slack,
+/// while a replica that is SIGKILLed or loses its node has its unacked messages redelivered
+/// after this long rather than after the minutes a long deadline would cost. 10 s is the
+/// smallest deadline Pub/Sub accepts.
+pub const LEASE_EXTENSION: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum PubSubError {
     #[error("creating the Pub/Sub {client} client{target}: {message}")]

@@ -1,6 +1,6 @@
 //! Receive stage: a streaming pull on the subscription, re-created with backoff whenever it
-//! ends, feeding each message through the pipeline and the settle stage with bounded
-//! concurrency, and draining cleanly on shutdown.
+//! ends, handing each message to the pipeline (one call per message) with bounded
+//! concurrency, and draining cleanly on shutdown. It only moves messages.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,29 +10,22 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use google_cloud_pubsub::client::Subscriber;
 use google_cloud_pubsub::model::Message;
 use google_cloud_pubsub::subscriber::ShutdownBehavior;
-use google_cloud_pubsub::subscriber::handler::Handler;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, field};
 
 use crate::index::lookup::Lookup;
+use crate::ingest::inbound::Inbound;
 use crate::ops::health::Health;
-use crate::ops::metrics::Metrics;
-use crate::pipeline::{Inbound, Pipeline};
+use crate::pipeline::Pipeline;
 use crate::settle::deadletter::DeadLetterSink;
-use crate::settle::{AckHandle, Settled, settle};
 
 /// A stream that has not failed within this long after opening is considered connected; an
 /// idle but healthy subscription delivers nothing, so there is no positive signal to wait for.
 /// A missing subscription fails the stream within milliseconds, well inside this.
 const CONNECT_GRACE: Duration = Duration::from_millis(100);
 
-/// The ack deadline requested for received messages and for each lease extension. The SDK
-/// extends leases every 3 s, so this leaves ample slack, while a replica that is SIGKILLed or
-/// loses its node has its unacked messages redelivered after this long rather than after the
-/// minutes a long deadline would cost. 10 s is the smallest deadline Pub/Sub accepts.
-pub const LEASE_EXTENSION: Duration = Duration::from_secs(10);
+pub use crate::ingest::pubsub::LEASE_EXTENSION;
 
 pub struct SourceConfig {
     pub subscription: String,
@@ -47,6 +40,7 @@ pub struct SourceConfig {
     pub max_lease: Duration,
 }
 
+/// Our transport-independent message, from Pub/Sub's.
 pub fn inbound(message: &Message, delivery_attempt: Option<i32>) -> Inbound {
     Inbound {
         id: message.message_id.clone(),
@@ -64,14 +58,13 @@ pub fn inbound(message: &Message, delivery_attempt: Option<i32>) -> Inbound {
 pub async fn run<L: Lookup, D: DeadLetterSink>(
     subscriber: Subscriber,
     config: SourceConfig,
-    pipeline: Arc<Pipeline<L>>,
-    sink: Arc<D>,
-    metrics: Arc<Metrics>,
+    pipeline: Arc<Pipeline<L, D>>,
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(config.max_in_flight));
-    let abort = CancellationToken::new();
+    let abort = pipeline.abort_token();
+    let metrics = pipeline.metrics().clone();
     let mut tasks = JoinSet::new();
     let subscription = Arc::new(config.subscription.clone());
     let mut backoff = reconnect_backoff();
@@ -162,21 +155,9 @@ pub async fn run<L: Lookup, D: DeadLetterSink>(
                     };
                     let Ok(permit) = permit else { break 'outer };
                     let pipeline = pipeline.clone();
-                    let sink = sink.clone();
-                    let metrics = metrics.clone();
-                    let abort = abort.clone();
-                    let subscription = subscription.clone();
                     tasks.spawn(async move {
-                        handle_message(
-                            message,
-                            handler,
-                            &subscription,
-                            &pipeline,
-                            &*sink,
-                            &metrics,
-                            &abort,
-                        )
-                        .await;
+                        let msg = inbound(&message, handler.delivery_attempt());
+                        pipeline.handle(msg, handler).await;
                         drop(permit);
                     });
                 }
@@ -278,83 +259,4 @@ async fn flush(
     {
         tracing::warn!("timed out flushing acknowledgements");
     }
-}
-
-async fn handle_message<L: Lookup, D: DeadLetterSink>(
-    message: Message,
-    handler: Handler,
-    subscription: &str,
-    pipeline: &Pipeline<L>,
-    sink: &D,
-    metrics: &Arc<Metrics>,
-    abort: &CancellationToken,
-) {
-    let msg = inbound(&message, handler.delivery_attempt());
-    process_inbound(msg, handler, subscription, pipeline, sink, metrics, abort).await;
-}
-
-/// One delivery, transport aside: the consumer span (continuing the publisher's trace),
-/// the pipeline, then settle. Returns `None` when `abort` fired first (the message is nacked).
-pub async fn process_inbound<L: Lookup, H: AckHandle, D: DeadLetterSink>(
-    msg: Inbound,
-    handle: H,
-    subscription: &str,
-    pipeline: &Pipeline<L>,
-    sink: &D,
-    metrics: &Arc<Metrics>,
-    abort: &CancellationToken,
-) -> Option<Settled> {
-    let attempt = pipeline.attempt(&msg);
-    let span = process_span(subscription, &msg, attempt);
-    crate::ops::telemetry::continue_trace(&span, &msg.attributes);
-    metrics.in_flight.inc();
-    let settled = async {
-        tokio::select! {
-            biased;
-            settlement = pipeline.process(&msg, attempt) => {
-                Some(settle(settlement, &msg, attempt, handle, sink, subscription, metrics).await)
-            }
-            _ = abort.cancelled() => {
-                handle.nack();
-                tracing::warn!(message_id = %msg.id, "shutdown: nacked unfinished message");
-                None
-            }
-        }
-    }
-    .instrument(span.clone())
-    .await;
-    metrics.in_flight.dec();
-    // The consumer span fails when the message was not done with: retried or given up on.
-    let failed = match settled {
-        Some(Settled::Acked) => None,
-        Some(s) => Some(s.as_str()),
-        None => Some("shutdown"),
-    };
-    if let Some(error_type) = failed {
-        span.record("otel.status_code", "error");
-        span.record("error.type", error_type);
-    }
-    settled
-}
-
-/// The consumer span, named and attributed per the OpenTelemetry messaging conventions.
-pub fn process_span(subscription: &str, msg: &Inbound, attempt: u32) -> tracing::Span {
-    let short = subscription.rsplit('/').next().unwrap_or(subscription);
-    tracing::info_span!(
-        "process",
-        "otel.name" = %format!("process {short}"),
-        "otel.kind" = "consumer",
-        "messaging.system" = "gcp_pubsub",
-        "messaging.operation.type" = "process",
-        "messaging.operation.name" = "process",
-        "messaging.destination.subscription.name" = %subscription,
-        "messaging.message.id" = %msg.id,
-        "messaging.gcp_pubsub.message.delivery_attempt" = attempt,
-        "messaging.message.body.size" = msg.data.len(),
-        "gar.image" = field::Empty,
-        "gar.digest" = field::Empty,
-        "otel.status_code" = field::Empty,
-        "error.type" = field::Empty,
-        trace_id = field::Empty,
-    )
 }

@@ -9,9 +9,23 @@ use std::sync::Arc;
 
 use tracing::Instrument;
 
+use crate::ingest::inbound::Inbound;
 use crate::ops::metrics::{KindLabels, Metrics, OutcomeLabels};
-use crate::pipeline::{Inbound, Settlement};
-use crate::settle::deadletter::{DeadLetter, DeadLetterSink};
+use crate::settle::deadletter::{DeadLetter, DeadLetterKind, DeadLetterSink};
+
+/// What to do with a message once the work is over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// Done (or nothing to do): `outcome` says which, for logs and metrics.
+    Ack { outcome: &'static str },
+    /// Retry later by redelivery.
+    Nack { reason: String },
+    /// Give up: publish to the dead-letter topic, then ack.
+    DeadLetter {
+        kind: DeadLetterKind,
+        reason: String,
+    },
+}
 
 /// The transport's acknowledgement handle. Dropping it without a call must nack.
 pub trait AckHandle: Send + 'static {
@@ -46,120 +60,117 @@ impl Settled {
     }
 }
 
-pub async fn settle<H: AckHandle, D: DeadLetterSink>(
-    settlement: Settlement,
-    msg: &Inbound,
-    attempt: u32,
-    handle: H,
-    sink: &D,
-    subscription: &str,
-    metrics: &Arc<Metrics>,
-) -> Settled {
-    // Named for the stage; the Pub/Sub operation it ends in is `messaging.operation.name`.
-    let span = tracing::info_span!(
-        "settle",
-        "messaging.system" = "gcp_pubsub",
-        "messaging.operation.type" = "settle",
-        "messaging.operation.name" = tracing::field::Empty,
-        action = tracing::field::Empty,
-        reason = tracing::field::Empty,
-        "otel.status_code" = tracing::field::Empty,
-    );
-    settle_in_span(
-        settlement,
-        msg,
-        attempt,
-        handle,
-        sink,
-        subscription,
-        metrics,
-        span.clone(),
-    )
-    .instrument(span)
-    .await
+/// Carries out settlements: the dead-letter sink, the subscription (named in dead letters and
+/// spans) and the metrics, shared by every delivery.
+pub struct Settler<D> {
+    pub sink: Arc<D>,
+    pub subscription: Arc<str>,
+    pub metrics: Arc<Metrics>,
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn settle_in_span<H: AckHandle, D: DeadLetterSink>(
-    settlement: Settlement,
-    msg: &Inbound,
-    attempt: u32,
-    handle: H,
-    sink: &D,
-    subscription: &str,
-    metrics: &Arc<Metrics>,
-    span: tracing::Span,
-) -> Settled {
-    let settled = match settlement {
-        Settlement::Ack { outcome } => {
-            span.record("action", "ack");
-            span.record("reason", outcome);
-            span.record("messaging.operation.name", "ack");
-            handle.ack();
-            tracing::debug!(message_id = %msg.id, outcome, "acked");
-            Settled::Acked
-        }
-        Settlement::Nack { reason } => {
-            span.record("action", "nack");
-            span.record("reason", reason.as_str());
-            span.record("messaging.operation.name", "nack");
-            span.record("otel.status_code", "error");
-            handle.nack();
-            tracing::warn!(message_id = %msg.id, attempt, %reason, "nacked for redelivery");
-            Settled::Nacked
-        }
-        Settlement::DeadLetter { kind, reason } => {
-            span.record("action", "dead_letter");
-            span.record("reason", reason.as_str());
-            span.record("otel.status_code", "error");
-            let letter = DeadLetter::new(
-                msg.data.clone(),
-                &msg.attributes,
-                kind,
-                &reason,
-                attempt,
-                &msg.id,
-                subscription,
-            );
-            let truncated = letter.is_truncated();
-            if truncated {
-                tracing::warn!(
-                    message_id = %msg.id,
-                    bytes = msg.data.len(),
-                    attributes = msg.attributes.len(),
-                    "message cannot be dead-lettered whole; publishing a bounded record (dlq_truncated=true)"
+impl<D: DeadLetterSink> Settler<D> {
+    pub async fn settle<H: AckHandle>(
+        &self,
+        settlement: Settlement,
+        msg: &Inbound,
+        attempt: u32,
+        handle: H,
+    ) -> Settled {
+        // Named for the stage; the Pub/Sub operation it ends in is `messaging.operation.name`.
+        let span = tracing::info_span!(
+            "settle",
+            "messaging.system" = "gcp_pubsub",
+            "messaging.operation.type" = "settle",
+            "messaging.operation.name" = tracing::field::Empty,
+            action = tracing::field::Empty,
+            reason = tracing::field::Empty,
+            "otel.status_code" = tracing::field::Empty,
+        );
+        let settled = self
+            .settle_in_span(settlement, msg, attempt, handle, &span)
+            .instrument(span.clone())
+            .await;
+        self.metrics
+            .events_settled
+            .get_or_create(&OutcomeLabels {
+                outcome: settled.as_str(),
+            })
+            .inc();
+        settled
+    }
+
+    async fn settle_in_span<H: AckHandle>(
+        &self,
+        settlement: Settlement,
+        msg: &Inbound,
+        attempt: u32,
+        handle: H,
+        span: &tracing::Span,
+    ) -> Settled {
+        match settlement {
+            Settlement::Ack { outcome } => {
+                span.record("action", "ack");
+                span.record("reason", outcome);
+                span.record("messaging.operation.name", "ack");
+                handle.ack();
+                tracing::debug!(message_id = %msg.id, outcome, "acked");
+                Settled::Acked
+            }
+            Settlement::Nack { reason } => {
+                span.record("action", "nack");
+                span.record("reason", reason.as_str());
+                span.record("messaging.operation.name", "nack");
+                span.record("otel.status_code", "error");
+                handle.nack();
+                tracing::warn!(message_id = %msg.id, attempt, %reason, "nacked for redelivery");
+                Settled::Nacked
+            }
+            Settlement::DeadLetter { kind, reason } => {
+                span.record("action", "dead_letter");
+                span.record("reason", reason.as_str());
+                span.record("otel.status_code", "error");
+                let letter = DeadLetter::new(
+                    msg.data.clone(),
+                    &msg.attributes,
+                    kind,
+                    &reason,
+                    attempt,
+                    &msg.id,
+                    &self.subscription,
                 );
-            }
-            match sink.publish(letter).await {
-                Ok(dlq_id) => {
-                    span.record("messaging.operation.name", "ack");
-                    handle.ack();
-                    metrics
-                        .dead_letters
-                        .get_or_create(&KindLabels {
-                            kind: kind.as_str(),
-                        })
-                        .inc();
-                    tracing::warn!(message_id = %msg.id, dlq_message_id = %dlq_id, kind = kind.as_str(), truncated, %reason, "dead-lettered");
-                    Settled::DeadLettered
+                let truncated = letter.is_truncated();
+                if truncated {
+                    tracing::warn!(
+                        message_id = %msg.id,
+                        bytes = msg.data.len(),
+                        attributes = msg.attributes.len(),
+                        "message cannot be dead-lettered whole; publishing a bounded record (dlq_truncated=true)"
+                    );
                 }
-                Err(e) => {
-                    // Never ack what is not safely elsewhere: redeliver and try again.
-                    span.record("messaging.operation.name", "nack");
-                    handle.nack();
-                    tracing::error!(message_id = %msg.id, error = %e, "dead-letter publish failed; nacked");
-                    Settled::Nacked
+                match self.sink.publish(letter).await {
+                    Ok(dlq_id) => {
+                        span.record("messaging.operation.name", "ack");
+                        handle.ack();
+                        self.metrics
+                            .dead_letters
+                            .get_or_create(&KindLabels {
+                                kind: kind.as_str(),
+                            })
+                            .inc();
+                        tracing::warn!(message_id = %msg.id, dlq_message_id = %dlq_id, kind = kind.as_str(), truncated, %reason, "dead-lettered");
+                        Settled::DeadLettered
+                    }
+                    Err(e) => {
+                        // Never ack what is not safely elsewhere: redeliver and try again.
+                        span.record("messaging.operation.name", "nack");
+                        handle.nack();
+                        tracing::error!(message_id = %msg.id, error = %e, "dead-letter publish failed; nacked");
+                        Settled::Nacked
+                    }
                 }
             }
         }
-    };
-    metrics
-        .events_settled
-        .get_or_create(&OutcomeLabels {
-            outcome: settled.as_str(),
-        })
-        .inc();
-    settled
+    }
 }
 
 #[cfg(test)]
@@ -172,7 +183,7 @@ mod tests {
     use super::*;
     use crate::act::restart::{Restarter, RestarterConfig};
     use crate::index::lookup::SharedIndex;
-    use crate::pipeline::{Pipeline, PipelineConfig};
+    use crate::pipeline::{Context, Pipeline, PipelineConfig};
     use crate::settle::deadletter::{ATTR_REASON, ATTR_TRUNCATED, PublishError};
     use crate::util::excerpt::EXCERPT_BYTES;
 
@@ -198,7 +209,7 @@ mod tests {
         }
     }
 
-    fn pipeline() -> Pipeline<SharedIndex> {
+    fn pipeline(sink: Arc<Sink>) -> Pipeline<SharedIndex, Sink> {
         // Never contacted: malformed messages stop before any API call.
         let mut config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
         config.default_retry = false;
@@ -206,11 +217,19 @@ mod tests {
         Pipeline::new(
             Arc::new(SharedIndex::default()),
             Restarter::new(client, RestarterConfig::default()),
-            Arc::new(Metrics::new()),
+            Context {
+                settler: Settler {
+                    sink,
+                    subscription: Arc::from("projects/p/subscriptions/s"),
+                    metrics: Arc::new(Metrics::new()),
+                },
+                abort: tokio_util::sync::CancellationToken::new(),
+            },
             PipelineConfig { max_attempts: 5 },
         )
     }
 
+    /// One delivery through the pipeline, as the source hands it over.
     async fn run(data: Vec<u8>, attributes: HashMap<String, String>) -> (Settled, DeadLetter) {
         let msg = Inbound {
             id: "m1".into(),
@@ -219,21 +238,10 @@ mod tests {
             publish_time: None,
             delivery_attempt: Some(1),
         };
-        let p = pipeline();
-        let settlement = p.process(&msg, 1).await;
-        let sink = Sink::default();
+        let sink = Arc::new(Sink::default());
+        let p = pipeline(sink.clone());
         let acks: &'static Recorded = Box::leak(Box::default());
-        let metrics = Arc::new(Metrics::new());
-        let settled = settle(
-            settlement,
-            &msg,
-            1,
-            Handle(acks),
-            &sink,
-            "projects/p/subscriptions/s",
-            &metrics,
-        )
-        .await;
+        let settled = p.handle(msg, Handle(acks)).await.expect("not aborted");
         assert_eq!(*acks.0.lock().unwrap(), ["ack"]);
         let letter = sink.0.lock().unwrap().pop().expect("a dead letter");
         (settled, letter)
@@ -264,7 +272,7 @@ mod tests {
     /// does not.
     #[tokio::test]
     async fn attempts_counted_per_process_is_exported() {
-        let p = pipeline();
+        let p = pipeline(Arc::default());
         let text = || p.metrics_text();
         let mut msg = Inbound {
             id: "m1".into(),

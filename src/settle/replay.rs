@@ -90,7 +90,7 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary, ReplayError> {
         .set_max_outstanding_bytes(64 << 20)
         // Held (skipped, dry-run) messages are released at the end; should the command be
         // killed instead, they come back after this short deadline rather than the SDK's 60 s.
-        .set_max_lease_extension(crate::ingest::source::LEASE_EXTENSION)
+        .set_max_lease_extension(crate::ingest::pubsub::LEASE_EXTENSION)
         .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
         .build();
     let token = stream.shutdown_token();
