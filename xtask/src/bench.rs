@@ -27,8 +27,9 @@ const IMAGES_PER_WORKLOAD: usize = 5;
 /// Matched events per latency run, published at a steady rate below pstest's 100 msg/s tick.
 const EVENTS: usize = 400;
 const RATE_PER_SEC: u64 = 40;
-/// Matched events published at once for the throughput run (new digests for the same
-/// workloads, so each is a real restart rather than a deduplicated repeat).
+/// Matched events published at once for the throughput run: one per workload, each with a
+/// new digest, so each is a real restart (two pushes of one tag published together would
+/// leave the older one to the out-of-order guard, which skips it as stale).
 const BURST: usize = 1_000;
 const STARTS: usize = 5;
 
@@ -184,7 +185,7 @@ async fn bench(binary: &Path, binary_size: u64) -> Result<()> {
     mount_index(&cache)?;
     // The workloads the events target exist in the fake API, kinds as the fixture assigns them.
     let kinds = [deployment, statefulset, daemonset];
-    for i in 0..EVENTS {
+    for i in 0..EVENTS.max(BURST) {
         api.insert(kinds[i % 3](
             &format!("ns-{}", i % 200),
             &format!("service-{i}"),
@@ -265,8 +266,7 @@ async fn bench(binary: &Path, binary_size: u64) -> Result<()> {
     let before = api.patches().len();
     let burst_started = Instant::now();
     let publishes = (0..BURST).map(|n| {
-        let i = n % EVENTS;
-        let data = burst_event(i, n);
+        let data = burst_event(n, n);
         publisher.publish(Message::new().set_data(bytes::Bytes::from(data)))
     });
     for id in futures::future::join_all(publishes).await {
