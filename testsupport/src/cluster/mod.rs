@@ -13,9 +13,10 @@
 //!   garbagecollector and namespace, so that a restart really creates a ReplicaSet and a
 //!   rollout really progresses. There is no kubelet and no scheduler: [`kubelet::Kubelet`]
 //!   binds pods to a fake node and marks them Ready through the status subresource.
-//! - **Lifetime**: [`Cluster::shared`] starts one cluster per test binary (per test
-//!   process under nextest); every process is killed when the test process exits, however
-//!   it exits ([`process`]). Tests isolate themselves with a namespace each.
+//! - **Lifetime**: each test owns its [`Cluster`]; dropping it stops the processes and
+//!   removes its directory, and every process is killed when the test process exits, however
+//!   it exits ([`process`]). (No `static` cluster: statics are never dropped, and each left
+//!   its ~120 MB directory behind.)
 
 pub mod kubeconfig;
 pub mod kubelet;
@@ -25,7 +26,7 @@ pub mod rbac;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
@@ -115,13 +116,6 @@ fn random_token() -> String {
 }
 
 impl Cluster {
-    /// The cluster of this test process, started on first use. Panics with the reason if it
-    /// cannot start: every test that asks for it needs it.
-    pub fn shared() -> &'static Cluster {
-        static SHARED: OnceLock<Cluster> = OnceLock::new();
-        SHARED.get_or_init(|| Cluster::start().unwrap_or_else(|e| panic!("{e}")))
-    }
-
     /// Builds (if needed) and starts etcd, kube-apiserver and kube-controller-manager.
     pub fn start() -> Result<Cluster, ClusterError> {
         let started = Instant::now();
