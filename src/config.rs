@@ -15,6 +15,9 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
+use crate::index::cache::ChainConfig;
+use crate::index::table::Scope;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "gar-restarter",
@@ -129,6 +132,33 @@ pub struct ScopeArgs {
     #[arg(long, env = "GAR_RESTARTER_REFRESH_INTERVAL", value_name = "DURATION",
           default_value = "1h", value_parser = parse_duration)]
     pub refresh_interval: Duration,
+}
+
+impl ScopeArgs {
+    /// The scope the index is built for and restarts are confined to: namespaces sorted and
+    /// deduplicated, so that equal scopes compare equal.
+    pub fn scope(&self) -> Scope {
+        let mut namespaces = self.namespaces.clone();
+        namespaces.sort();
+        namespaces.dedup();
+        Scope {
+            namespaces,
+            selector: self.selector.clone(),
+            opt_in: self.opt_in,
+        }
+    }
+
+    /// The lookup chain's settings; `run`, `check` and `cache rebuild` share them.
+    pub fn chain_config(&self) -> ChainConfig {
+        ChainConfig {
+            cache_dir: self.cache_dir.clone(),
+            configmap: self.cache_configmap(),
+            scope: self.scope(),
+            min_rebuild_interval: self.min_rebuild_interval,
+            refresh_interval: self.refresh_interval,
+            store_rebuilds: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -8,8 +8,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::act::restart::{Restarter, RestarterConfig, RetryPolicy};
 use crate::cluster::{self, ClusterError};
-use crate::config::{RunArgs, ScopeArgs};
-use crate::index::cache::{CacheChain, ChainConfig, ChainError};
+use crate::config::RunArgs;
+use crate::index::cache::{CacheChain, ChainError};
 use crate::index::live::LiveView;
 use crate::index::table::Scope;
 use crate::index::watch::{self, WatchConfig};
@@ -33,28 +33,6 @@ pub enum DaemonError {
     Bind(#[from] BindError),
 }
 
-pub fn scope(args: &ScopeArgs) -> Scope {
-    let mut namespaces = args.namespaces.clone();
-    namespaces.sort();
-    namespaces.dedup();
-    Scope {
-        namespaces,
-        selector: args.selector.clone(),
-        opt_in: args.opt_in,
-    }
-}
-
-pub fn chain_config(args: &ScopeArgs) -> ChainConfig {
-    ChainConfig {
-        cache_dir: args.cache_dir.clone(),
-        configmap: args.cache_configmap(),
-        scope: scope(args),
-        min_rebuild_interval: args.min_rebuild_interval,
-        refresh_interval: args.refresh_interval,
-        store_rebuilds: true,
-    }
-}
-
 /// Runs until SIGTERM/SIGINT, then drains and returns.
 pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let metrics = Arc::new(Metrics::new());
@@ -69,7 +47,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
 
     let client = cluster::client_with_metrics(metrics.clone()).await?;
-    let chain = CacheChain::new(client.clone(), chain_config(&args.scope), metrics.clone());
+    let chain = CacheChain::new(client.clone(), args.scope.chain_config(), metrics.clone());
     // The index load (CPU: parsing the mounted file) and the Pub/Sub clients (network and
     // credentials) are independent, so they overlap; messages are still only taken once
     // both are done. A Pub/Sub error ends start-up at once, even while the index retries.
@@ -83,7 +61,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
     if !loaded {
         return Ok(());
     }
-    let scope = scope(&args.scope);
+    let scope = args.scope.scope();
     let live = if args.watch {
         Some(start_watch(&args, &scope, &metrics, &shutdown).await?)
     } else {

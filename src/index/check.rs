@@ -61,7 +61,7 @@ impl CheckError {
 /// A lookup here never triggers a rebuild by itself, so a mounted index needs no API at all.
 pub async fn check(args: &CheckArgs) -> Result<CheckReport, CheckError> {
     let image = ImageRef::parse(&args.image)?;
-    let mut config = crate::daemon::chain_config(&args.scope);
+    let mut config = args.scope.chain_config();
     // Without --rebuild, `check` only reads: a start-up rebuild answers but is not stored.
     config.store_rebuilds = false;
     if args.rebuild {
@@ -109,7 +109,7 @@ pub struct RebuildReport {
 }
 
 pub async fn cache_rebuild(args: &RebuildArgs) -> Result<RebuildReport, CheckError> {
-    let mut config = crate::daemon::chain_config(&args.scope);
+    let mut config = args.scope.chain_config();
     config.configmap = args
         .scope
         .cache_configmap_for_write()
