@@ -95,17 +95,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check(args) => check_command(args).await,
         Command::Cache {
             command: CacheCommand::Rebuild(args),
-        } => match check::cache_rebuild(&args).await {
-            Ok(report) => {
-                print(&serde_json::to_string_pretty(&report)?)?;
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(e) if e.is_usage() => {
-                eprintln!("error: {e}");
-                Ok(ExitCode::from(2))
-            }
-            Err(e) => Err(e.into()),
-        },
+        } => report(check::cache_rebuild(&args).await),
         Command::Dlq {
             command: DlqCommand::Replay(args),
         } => {
@@ -124,7 +114,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn check_command(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    match check::check(&args).await {
+    report(check::check(&args).await)
+}
+
+/// A one-shot command's JSON report on stdout (exit 0), or its error: a usage error exits 2,
+/// anything else goes up the chain (exit 1).
+fn report<T: serde::Serialize>(result: Result<T, check::CheckError>) -> anyhow::Result<ExitCode> {
+    match result {
         Ok(report) => {
             print(&serde_json::to_string_pretty(&report)?)?;
             Ok(ExitCode::SUCCESS)

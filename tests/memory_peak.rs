@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use gar_testsupport::emulator::Emulator;
 use gar_testsupport::fake_api::{FakeApi, Fault, deployment};
+use gar_testsupport::fixtures::image;
 use google_cloud_pubsub::client::BasePublisher;
 use google_cloud_pubsub::model::Message;
 use sha2::{Digest, Sha256};
@@ -148,19 +149,6 @@ impl std::fmt::Display for Row {
             self.hwm_mib
         )
     }
-}
-
-/// Image `j` of workload `i`, as the benchmark fixture names them.
-fn image(i: usize, j: usize) -> String {
-    format!(
-        "europe-west4-docker.pkg.dev/project-{}/team-{}/service-{}-{}:v{}.{}",
-        i % 11,
-        i % 37,
-        i,
-        j,
-        1 + j % 3,
-        i % 10
-    )
 }
 
 /// A version-less (hand-written, so normalised on load) `cache.json`; `salt` makes a second
