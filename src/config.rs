@@ -130,7 +130,7 @@ pub struct ScopeArgs {
     /// often, catching anything a watch could still miss. With `--watch=false`, the index is
     /// rebuilt this often instead, and that is its staleness bound.
     #[arg(long, env = "GAR_RESTARTER_REFRESH_INTERVAL", value_name = "DURATION",
-          default_value = "1h", value_parser = parse_duration)]
+          default_value = "1h", value_parser = parse_period)]
     pub refresh_interval: Duration,
 }
 
@@ -241,7 +241,7 @@ pub struct RunArgs {
     /// Write the live view back to the cache ConfigMap at most this often, when it changed,
     /// so that the next start-up loads a recent snapshot.
     #[arg(long, env = "GAR_RESTARTER_SNAPSHOT_INTERVAL", value_name = "DURATION",
-          default_value = "5m", value_parser = parse_duration)]
+          default_value = "5m", value_parser = parse_period)]
     pub snapshot_interval: Duration,
 
     /// On SIGTERM, time in-flight messages get to finish before the rest are nacked.
@@ -262,6 +262,16 @@ fn parse_liveness_timeout(s: &str) -> Result<Duration, String> {
         return Err(format!(
             "{s:?} is shorter than 1s; a probe needs several beats of slack"
         ));
+    }
+    Ok(d)
+}
+
+/// The period of a background loop (relists, snapshot writes): at least 1s, since 0 would
+/// spin the loop and hammer the API.
+fn parse_period(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s:?} is shorter than 1s"));
     }
     Ok(d)
 }
@@ -828,6 +838,16 @@ impl FromStr for LogFormat {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn background_periods_must_be_at_least_a_second() {
+        assert_eq!(parse_period("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_period("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["0s", "500ms"] {
+            let e = parse_period(bad).unwrap_err();
+            assert!(e.contains("shorter than 1s"), "{bad}: {e}");
+        }
+    }
     use std::io::Write;
 
     const SUB: &str = "projects/p/subscriptions/gcr-sub";
