@@ -56,7 +56,7 @@ subject is NS/gar-restarter, any Namespace object is NS, and no string in the
 render names a Service in the namespace gar-restarter (`*.gar-restarter.svc`)
 unless NS is gar-restarter.
 
-`check_rbac.py --codec src/cache/codec.rs` checks that MAX_SHARDS there is
+`check_rbac.py --codec src/index/cache/codec.rs` checks that MAX_SHARDS there is
 the shard count assumed here.
   * terminationGracePeriodSeconds > --shutdown-timeout (default 20s);
   * probes /healthz and /readyz on the port named metrics (9090), POD_NAMESPACE
@@ -86,7 +86,7 @@ except ModuleNotFoundError:  # pragma: no cover - older Pythons
 APP = "gar-restarter"
 SERVICE_ACCOUNT = "gar-restarter"
 CACHE_CONFIGMAP = "gar-restarter-cache"
-# codec::MAX_SHARDS in src/cache/codec.rs: the sharded cache form splits the
+# codec::MAX_SHARDS in src/index/cache/codec.rs: the sharded cache form splits the
 # index over CACHE_CONFIGMAP-0 ... -(N-1). RBAC resourceNames cannot be
 # wildcarded, so every name is listed (and checked) explicitly.
 CACHE_MAX_SHARDS = 8
@@ -999,7 +999,7 @@ def self_test(path: str, expect_ns: str | None = None) -> int:
 
 
 def check_codec(path: str) -> int:
-    """MAX_SHARDS in src/cache/codec.rs must be CACHE_MAX_SHARDS: the RBAC
+    """MAX_SHARDS in src/index/cache/codec.rs must be CACHE_MAX_SHARDS: the RBAC
     resourceNames and the projected volume list exactly that many shards."""
     try:
         with open(path, encoding="utf-8") as fh:
@@ -1026,7 +1026,7 @@ def check_codec(path: str) -> int:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--self-test", action="store_true", help="mutate the given good render and expect rejections")
-    p.add_argument("--codec", metavar="CODEC_RS", help="check MAX_SHARDS in src/cache/codec.rs instead")
+    p.add_argument("--codec", metavar="CODEC_RS", help="check MAX_SHARDS in src/index/cache/codec.rs instead")
     p.add_argument("--expect-namespace", metavar="NS", help="also check that the daemon and its objects live in NS")
     p.add_argument("files", nargs="*", help="rendered multi-document YAML (kubectl kustomize output)")
     a = p.parse_args(argv)

@@ -18,7 +18,7 @@
 # helm lint --strict and helm template for each ci/*-values.yaml, each render
 # checked like the kustomize output; values that must be refused are refused.
 # Then the Grafana dashboard's queries against the daemon's metric names.
-# Then check that codec::MAX_SHARDS (src/cache/codec.rs) is the number of
+# Then check that codec::MAX_SHARDS (src/index/cache/codec.rs) is the number of
 # cache shard ConfigMaps the manifests grant and mount.
 # Then prove the checks bite: check_rbac.py --self-test must reject 30+
 # mutated copies of the base render, and the schema validator must reject a
@@ -281,21 +281,21 @@ fi
 # --- Grafana dashboard ------------------------------------------------------------
 log "grafana dashboard vs the daemon's metrics"
 dash="$here/grafana/gar-restarter.json"
-if report="$(pyrun "$here/grafana/check_dashboard.py" "$dash" src/metrics.rs 2>&1)"; then
+if report="$(pyrun "$here/grafana/check_dashboard.py" "$dash" src/ops/metrics.rs 2>&1)"; then
   ok "$(tail -n1 <<<"$report")"
 else
   printf '%s\n' "$report" | sed 's/^/        /'
   bad "deploy/grafana/gar-restarter.json queries metrics or labels the daemon does not define"
 fi
-if report="$(pyrun "$here/grafana/check_dashboard.py" --self-test "$dash" src/metrics.rs 2>&1)"; then
+if report="$(pyrun "$here/grafana/check_dashboard.py" --self-test "$dash" src/ops/metrics.rs 2>&1)"; then
   ok "check_dashboard.py --self-test: $(tail -n1 <<<"$report")"
 else
   printf '%s\n' "$report" | sed 's/^/        /'
   bad "check_dashboard.py --self-test"
 fi
 
-log "cache shards vs src/cache/codec.rs"
-codec=src/cache/codec.rs
+log "cache shards vs src/index/cache/codec.rs"
+codec=src/index/cache/codec.rs
 if [[ -f "$codec" ]]; then
   if report="$(pyrun "$here/check_rbac.py" --codec "$codec" 2>&1)"; then
     ok "$(sed 's/^[^:]*: //' <<<"$report")"

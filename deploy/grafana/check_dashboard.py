@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Check that a Grafana dashboard queries only metrics (and labels) the daemon defines.
 
-    check_dashboard.py DASHBOARD.json src/metrics.rs            exit 0 if clean, 1 if not
-    check_dashboard.py --self-test DASHBOARD.json src/metrics.rs
+    check_dashboard.py DASHBOARD.json src/ops/metrics.rs            exit 0 if clean, 1 if not
+    check_dashboard.py --self-test DASHBOARD.json src/ops/metrics.rs
 
 Source of truth: the Rust sources, not a live /metrics (no daemon runs here).
-From src/metrics.rs it reads the registry prefix (`Registry::with_prefix`),
+From src/ops/metrics.rs it reads the registry prefix (`Registry::with_prefix`),
 every `registry.register("name", "help", m.field.clone())`, the type of each
 field in `struct Metrics` (Counter, Gauge, Histogram, with or without a
 `Family<Labels, ...>`) and the fields of each `...Labels` struct. That gives
