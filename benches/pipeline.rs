@@ -61,6 +61,8 @@ fn bench(c: &mut Criterion) {
                 metrics,
             },
             abort: tokio_util::sync::CancellationToken::new(),
+            rollouts: None,
+            notify: None,
         },
         PipelineConfig { max_attempts: 5 },
     ));

@@ -56,7 +56,8 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: consume push events and restart matching workloads.
-    Run(RunArgs),
+    // Boxed: it holds every flag of the daemon, the other commands a handful.
+    Run(Box<RunArgs>),
     /// Print, as JSON, the workloads a push of IMAGE would restart.
     Check(CheckArgs),
     /// Index cache tools.
@@ -173,6 +174,12 @@ pub struct RunArgs {
           value_parser = parse_topic)]
     pub dead_letter_topic: String,
 
+    /// Publish one JSON record per restart and per rollout outcome to this topic
+    /// (`projects/P/topics/T`), for announcements; a failed publish never holds up the work.
+    #[arg(long, env = "GAR_RESTARTER_NOTIFY_TOPIC", value_name = "TOPIC",
+          value_parser = parse_topic)]
+    pub notify_topic: Option<String>,
+
     #[command(flatten)]
     pub scope: ScopeArgs,
 
@@ -237,6 +244,27 @@ pub struct RunArgs {
     #[arg(long, env = "GAR_RESTARTER_WATCH_SYNC_TIMEOUT", value_name = "DURATION",
           default_value = "10s", value_parser = parse_duration)]
     pub watch_sync_timeout: Duration,
+
+    /// How long a restart's rollout is followed before it counts as `timed_out`: for
+    /// StatefulSets and DaemonSets (they have no progress deadline), and for a Deployment
+    /// until its `progressDeadlineSeconds` is seen (then that, plus a minute). The ack never
+    /// waits for a rollout; this only bounds how long its outcome is awaited.
+    #[arg(long, env = "GAR_RESTARTER_ROLLOUT_TIMEOUT", value_name = "DURATION",
+          default_value = "10m", value_parser = parse_duration)]
+    pub rollout_timeout: Duration,
+
+    /// At most this many restarts per second across every message in flight (a token bucket
+    /// with a burst of one second's worth); `0` turns the limit off. A push of an image that
+    /// thousands of workloads share then rolls out at this pace instead of all at once: a
+    /// message whose restarts outlast its lease keeps the lease extended and is acked once,
+    /// when all are done.
+    #[arg(
+        long,
+        env = "GAR_RESTARTER_MAX_RESTARTS_PER_SECOND",
+        value_name = "N",
+        default_value_t = 10
+    )]
+    pub max_restarts_per_second: u32,
 
     /// Write the live view back to the cache ConfigMap at most this often, when it changed,
     /// so that the next start-up loads a recent snapshot.
@@ -857,7 +885,7 @@ mod tests {
         let mut argv = vec!["gar-restarter"];
         argv.extend_from_slice(args);
         match Cli::load_from(argv)?.command {
-            Command::Run(r) => Ok(r),
+            Command::Run(r) => Ok(*r),
             other => panic!("{other:?}"),
         }
     }

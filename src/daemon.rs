@@ -6,14 +6,16 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::act::notify::{self, Notifier};
 use crate::act::restart::{Restarter, RestarterConfig, RetryPolicy};
+use crate::act::rollout::{Finished, RolloutConfig, Rollouts};
 use crate::cluster::{self, ClusterError};
 use crate::config::RunArgs;
 use crate::index::cache::{CacheChain, ChainError};
 use crate::index::live::LiveView;
 use crate::index::table::Scope;
 use crate::index::watch::{self, WatchConfig};
-use crate::ingest::pubsub::{self, PubSubDeadLetters, PubSubError};
+use crate::ingest::pubsub::{self, PubSubDeadLetters, PubSubError, PubSubRecords};
 use crate::ingest::source::{self, SourceConfig};
 use crate::ops::health::Health;
 use crate::ops::metrics::Metrics;
@@ -32,6 +34,9 @@ pub enum DaemonError {
     #[error(transparent)]
     Bind(#[from] BindError),
 }
+
+/// How long one message may be held, its lease extended, while its restarts run.
+const MAX_MESSAGE_LEASE: Duration = Duration::from_secs(3600);
 
 /// Runs until SIGTERM/SIGINT, then drains and returns.
 pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), DaemonError> {
@@ -68,6 +73,28 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
         tracing::info!("--watch=false: lookups and decisions use the snapshot index");
         None
     };
+    let notify = match &args.notify_topic {
+        Some(topic) => Some(Notifier::spawn(
+            PubSubRecords::new(topic).await?,
+            metrics.clone(),
+            shutdown.clone(),
+        )),
+        None => None,
+    };
+    let rollouts = live.as_ref().map(|live| {
+        let rollouts = Arc::new(Rollouts::new(
+            RolloutConfig {
+                timeout: args.rollout_timeout,
+            },
+            metrics.clone(),
+        ));
+        live.set_observer(rollouts.clone());
+        if let Some(n) = notify.clone() {
+            rollouts.on_finish(move |f| n.send(rollout_record(f)));
+        }
+        tokio::spawn(rollouts.clone().run(shutdown.clone()));
+        rollouts
+    });
     chain.spawn_background(
         live.clone().map(|l| (l, args.snapshot_interval)),
         shutdown.clone(),
@@ -85,6 +112,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
             scope,
             live,
             dedupe_window: args.dedupe_window,
+            max_restarts_per_second: std::num::NonZeroU32::new(args.max_restarts_per_second),
         },
     );
     let pipeline = Arc::new(Pipeline::new(
@@ -97,6 +125,8 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
                 metrics: metrics.clone(),
             },
             abort: CancellationToken::new(),
+            rollouts,
+            notify,
         },
         PipelineConfig {
             max_attempts: args.max_attempts,
@@ -112,8 +142,12 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
             max_in_flight: args.max_in_flight as usize,
             flow_control: args.flow_control(),
             shutdown_timeout: args.shutdown_timeout,
-            // Retries stay within the budget; allow generous headroom beyond it.
-            max_lease: (args.retry_budget * 4).max(Duration::from_secs(60)),
+            // Each workload's retries stay within the budget, but a message's restarts also
+            // wait for --max-restarts-per-second: at 10/s, one push for 2,000 workloads takes
+            // over 3 minutes. The lease is extended for up to an hour (36,000 restarts at that
+            // rate), so such a message is acked once, when all are done, not redelivered
+            // halfway; a wedged delivery is the liveness probe's to catch.
+            max_lease: (args.retry_budget * 4).max(MAX_MESSAGE_LEASE),
         },
         pipeline,
         health,
@@ -122,6 +156,22 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
     .await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The outcome-topic record of a rollout that ended.
+fn rollout_record(f: &Finished) -> notify::Record {
+    notify::Record {
+        kind: "rollout",
+        workload: (&f.workload).into(),
+        image: f.image.clone(),
+        digest: f.digest.clone(),
+        strategy: "restart",
+        result: f.result.as_str(),
+        message_id: f.message_id.clone(),
+        published_at: f.published_at.map(crate::util::clock::format_rfc3339_nanos),
+        at: crate::util::clock::now_rfc3339(),
+        detail: Some(f.detail.clone()),
+    }
 }
 
 /// Starts the watch streams that keep the live view; it catches up in the background (the

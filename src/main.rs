@@ -86,7 +86,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let telemetry = telemetry::init(format)?;
             let shutdown = CancellationToken::new();
             daemon::spawn_signal_handler(shutdown.clone());
-            let result = daemon::run(args, shutdown).await;
+            let result = daemon::run(*args, shutdown).await;
             // Flush spans on the blocking pool: the exporter may block on a slow collector.
             let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
             result?;

@@ -13,7 +13,9 @@ use tracing::{Instrument, field};
 
 use crate::act::decide::{Push, Skip};
 use crate::act::dedupe::{BoundedTtlMap, InFlight};
+use crate::act::notify::{self, Notifier};
 use crate::act::restart::{RestartError, RestartOutcome, Restarter};
+use crate::act::rollout::Rollouts;
 use crate::index::live::{Key, key_of};
 use crate::index::lookup::{Lookup, LookupError};
 use crate::index::workload::WorkloadRef;
@@ -24,6 +26,7 @@ use crate::ops::metrics::Metrics;
 use crate::ops::metrics::{ActionLabels, RestartLabels};
 use crate::settle::deadletter::{DeadLetterKind, DeadLetterSink};
 use crate::settle::{AckHandle, Settled, Settlement, Settler};
+use crate::util::clock::{format_rfc3339_nanos, now_rfc3339};
 
 pub struct PipelineConfig {
     pub max_attempts: u32,
@@ -35,6 +38,10 @@ pub struct Context<D> {
     pub settler: Settler<D>,
     /// Cancelled when the drain timeout is over: a delivery still running nacks its message.
     pub abort: CancellationToken,
+    /// Follows each restart's rollout after the ack (with the live view; `None` without).
+    pub rollouts: Option<Arc<Rollouts>>,
+    /// Publishes each restart to `--notify-topic` (`None` without one).
+    pub notify: Option<Arc<Notifier>>,
 }
 
 pub struct Pipeline<L, D> {
@@ -295,6 +302,23 @@ impl<L: Lookup, D: DeadLetterSink> Pipeline<L, D> {
                         .receive_to_restart_seconds
                         .observe(received.elapsed().as_secs_f64());
                     tracing::info!(workload = %w, image = %push.image, digest = push.digest.as_deref(), "restarted");
+                    if let Some(rollouts) = &self.ctx.rollouts {
+                        rollouts.track(w, push, &msg.id);
+                    }
+                    if let Some(n) = &self.ctx.notify {
+                        n.send(notify::Record {
+                            kind: "restart",
+                            workload: w.into(),
+                            image: push.image.as_str().to_owned(),
+                            digest: push.digest.clone(),
+                            strategy: "restart",
+                            result: "restarted",
+                            message_id: msg.id.clone(),
+                            published_at: Some(format_rfc3339_nanos(push.published_at)),
+                            at: now_rfc3339(),
+                            detail: None,
+                        });
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(workload = %w, error = %e, "restart failed"),

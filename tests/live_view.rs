@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use gar_testsupport::objects::deployment;
+use gar_testsupport::traffic::{Fault, RecordedRequest};
 use serde_json::Value;
 
 const SYNCED: &str = "gar_restarter_watch_synced";
@@ -295,4 +296,146 @@ async fn two_replicas_restart_once_per_digest() {
         .filter(|r| r.method == "GET" && r.path.contains("/deployments/web-"))
         .count();
     assert_eq!(gets, 0, "no GET per workload: the live view answers");
+}
+
+/// Requests the proxy answered since the first `from`.
+fn since(h: &Harness, from: usize) -> Vec<RecordedRequest> {
+    h.api.requests().into_iter().skip(from).collect()
+}
+
+fn is_deployment_watch(r: &RecordedRequest) -> bool {
+    r.path.ends_with("/deployments") && r.query_param("watch").is_some()
+}
+
+fn is_deployment_list(r: &RecordedRequest) -> bool {
+    r.method == "GET" && r.path.ends_with("/deployments") && r.query_param("watch").is_none()
+}
+
+/// Publishes a push of `app:v1` and waits until `name` runs it, with `optout` left alone.
+async fn push_reaches(h: &mut Harness, name: &str, optout: &str) {
+    h.publish(&insert("app:v1", HEX_A)).await;
+    assert!(
+        wait_until(Duration::from_secs(20), || digest_of(h, "apps", name)
+            == Some(sha(HEX_A)))
+        .await,
+        "the change made while the daemon was not watching was missed: {}",
+        h.daemon_log()
+    );
+    settled(h, 1.0).await;
+    assert!(
+        patches_to(&h.api, &deployment_path("apps", optout)).is_empty(),
+        "the opt-out made while the daemon was not watching was missed"
+    );
+}
+
+/// The daemon's watches are cut while the cluster changes, and their resume is refused, first
+/// with an HTTP 410 (as a proxy may answer), then with kube-apiserver's own in-stream
+/// `410 Gone` ("too old resource version"). Each time the daemon relists, and what changed
+/// while it was not watching (a new Deployment, an opt-out) is not missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_relists_on_410_gone_without_missing_a_change() {
+    let mut h = Harness::real().await;
+    h.api.insert(deployment("apps", "old", &[&gar("app:v1")]));
+    h.api
+        .insert(deployment("apps", "optout", &[&gar("app:v1")]));
+    start_synced(&mut h).await;
+    let from = h.api.requests().len();
+
+    // Cut off: every watch request is refused while the cluster changes.
+    h.api
+        .add_fault(Fault::error("/deployments", 503).on_query("watch="));
+    h.api.proxy().cut_connections();
+    h.api.insert(deployment("apps", "new", &[&gar("app:v1")]));
+    h.api.modify("deployments", "apps", "optout", |o| {
+        o["metadata"]["annotations"]["gar-restarter/enabled"] = "false".into();
+    });
+    assert!(
+        wait_until(Duration::from_secs(20), || since(&h, from)
+            .iter()
+            .any(|r| is_deployment_watch(r) && r.status == 503))
+        .await,
+        "the daemon never tried to resume its watch: {:?}",
+        since(&h, from)
+    );
+    let refused = h.api.requests().len();
+    h.api.clear_faults();
+    h.api.add_fault(
+        Fault::error("/deployments", 410)
+            .on_query("watch=")
+            .times(1),
+    );
+    h.api
+        .add_fault(Fault::expire_watch("/deployments").times(1));
+    // Each refused or expired watch makes the daemon relist; the third watch stays open.
+    let watches = |h: &Harness| -> Vec<u16> {
+        since(h, refused)
+            .iter()
+            .filter(|r| is_deployment_watch(r))
+            .map(|r| r.status)
+            // A retry may still have met the 503 rule while the rules were being swapped.
+            .skip_while(|s| *s == 503)
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(40), || watches(&h).len() >= 3
+            && h.metric(SYNCED) == 1.0)
+        .await,
+        "the daemon did not watch again after the 410s: {:?}\n{}",
+        watches(&h),
+        h.daemon_log()
+    );
+    let statuses = watches(&h);
+    assert_eq!(
+        statuses[..3],
+        [410, 200, 200],
+        "the refused resume, the expired one, then a watch that stays open"
+    );
+    let lists = since(&h, refused)
+        .iter()
+        .filter(|r| is_deployment_list(r))
+        .count();
+    assert!(lists >= 2, "a relist after each 410: {lists} LISTs");
+    assert!(
+        h.metric("gar_restarter_watch_errors_total{kind=\"deployments\"}") >= 3.0,
+        "the refused and expired watches are counted"
+    );
+    push_reaches(&mut h, "new", "optout").await;
+}
+
+/// kube-apiserver restarts (every watch breaks, its watch cache starts over) and the cluster
+/// changes before the daemon can watch again: the daemon resumes (or relists, if the server
+/// no longer has its resourceVersion) and misses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_survives_an_api_server_restart_without_missing_a_change() {
+    let mut h = Harness::real().await;
+    h.api.insert(deployment("apps", "old", &[&gar("app:v1")]));
+    h.api
+        .insert(deployment("apps", "optout", &[&gar("app:v1")]));
+    start_synced(&mut h).await;
+
+    // Until the test has changed the cluster, the daemon cannot watch again.
+    h.api.add_fault(Fault::error("", 503).on_query("watch="));
+    let api = h.api.clone();
+    let took = tokio::task::spawn_blocking(move || api.cluster().restart_apiserver())
+        .await
+        .expect("the restart task")
+        .expect("kube-apiserver restarted");
+    eprintln!("kube-apiserver restarted in {took:.1?}");
+    h.api.insert(deployment("apps", "new", &[&gar("app:v1")]));
+    h.api.modify("deployments", "apps", "optout", |o| {
+        o["metadata"]["annotations"]["gar-restarter/enabled"] = "false".into();
+    });
+    let from = h.api.requests().len();
+    h.api.clear_faults();
+    assert!(
+        wait_until(Duration::from_secs(30), || since(&h, from)
+            .iter()
+            .any(|r| is_deployment_watch(r) && r.status == 200))
+        .await,
+        "the daemon did not watch again after the restart: {}",
+        h.daemon_log()
+    );
+    // The events since its resourceVersion (or the relist) arrive right after the watch opens.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    push_reaches(&mut h, "new", "optout").await;
 }

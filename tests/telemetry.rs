@@ -142,6 +142,8 @@ impl Fixture {
                     metrics: metrics.clone(),
                 },
                 abort: CancellationToken::new(),
+                rollouts: None,
+                notify: None,
             },
             PipelineConfig { max_attempts: 5 },
         );

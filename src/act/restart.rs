@@ -1,6 +1,7 @@
 //! Restart: the PATCH `kubectl rollout restart` sends, plus annotations that record the push
 //! it was for, taken only after [`decide`] says so on the workload's live state.
 
+use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
@@ -110,6 +111,8 @@ pub struct RestarterConfig {
     pub live: Option<Arc<LiveView>>,
     /// How long our own restart is remembered when the watch does not show it.
     pub dedupe_window: Duration,
+    /// `--max-restarts-per-second`, shared by every message in flight; `None`: unlimited.
+    pub max_restarts_per_second: Option<NonZeroU32>,
 }
 
 impl Default for RestarterConfig {
@@ -121,23 +124,61 @@ impl Default for RestarterConfig {
             scope: Scope::default(),
             live: None,
             dedupe_window: Duration::from_secs(600),
+            max_restarts_per_second: None,
         }
     }
 }
+
+/// The process-wide token bucket of `--max-restarts-per-second` (GCRA, with a burst of one
+/// second's worth).
+type Limiter = governor::DefaultDirectRateLimiter;
 
 pub struct Restarter {
     client: Client,
     config: RestarterConfig,
     recent: BoundedTtlMap<Key, RestartRecord>,
+    limiter: Option<Limiter>,
 }
 
 impl Restarter {
     pub fn new(client: Client, config: RestarterConfig) -> Self {
         Self {
             recent: BoundedTtlMap::new(config.dedupe_window, RECENT_CAPACITY),
+            limiter: config
+                .max_restarts_per_second
+                .map(|rate| governor::RateLimiter::direct(governor::Quota::per_second(rate))),
             client,
             config,
         }
+    }
+
+    /// Waits for a token of `--max-restarts-per-second` when this push would restart
+    /// `workload` (a skip costs none), so that the retry budget that follows counts only
+    /// the API's time. The decision is taken again after the wait, on the view as it is then.
+    async fn wait_for_token(&self, workload: &WorkloadRef, push: &Push) {
+        let Some(limiter) = &self.limiter else {
+            return;
+        };
+        if self.config.dry_run || !matches!(self.decision(workload, push), Decision::Restart { .. })
+        {
+            return;
+        }
+        let started = Instant::now();
+        limiter.until_ready().await;
+        let waited = started.elapsed();
+        if waited >= Duration::from_millis(1) {
+            tracing::debug!(%workload, ?waited, "waited for --max-restarts-per-second");
+        }
+    }
+
+    /// The decision for `workload` now: on the live view when there is one.
+    fn decision(&self, workload: &WorkloadRef, push: &Push) -> Decision {
+        let current = match &self.config.live {
+            Some(live) => live.current(workload),
+            None => Current::Unknown,
+        };
+        let ours = self.recent.get(&key_of(workload));
+        decide(workload, &current, ours.as_ref(), push, &self.config.scope)
     }
 
     /// Restarts one workload, retrying transient errors with exponential backoff and jitter,
@@ -151,6 +192,7 @@ impl Restarter {
         push: &Push,
         on_send: impl Fn() + Sync,
     ) -> Result<RestartOutcome, RestartError> {
+        self.wait_for_token(workload, push).await;
         let retry = self.config.retry;
         let backoff = ExponentialBuilder::default()
             .with_min_delay(retry.min_delay)
@@ -182,13 +224,7 @@ impl Restarter {
         on_send: &(impl Fn() + Sync),
     ) -> Result<RestartOutcome, RestartError> {
         let key = key_of(workload);
-        let current = match &self.config.live {
-            Some(live) => live.current(workload),
-            None => Current::Unknown,
-        };
-        let ours = self.recent.get(&key);
-        let precondition = match decide(workload, &current, ours.as_ref(), push, &self.config.scope)
-        {
+        let precondition = match self.decision(workload, push) {
             Decision::Skip(skip) => {
                 tracing::info!(%workload, image = %push.image, digest = push.digest.as_deref(), reason = skip.as_str(), "not restarting");
                 return Ok(RestartOutcome::Skipped(skip));

@@ -48,6 +48,14 @@ pub enum Change {
     Deleted(Key),
 }
 
+/// Told about every workload state the view applies and every deletion, before the view
+/// applies it: how the rollout tracker follows rollouts without polling. Called on the watch
+/// task, so it must not block.
+pub trait Observer: Send + Sync {
+    fn applied(&self, state: &WorkloadState);
+    fn deleted(&self, key: &Key);
+}
+
 /// What the view knows about one workload when a decision is taken.
 #[derive(Debug, Clone)]
 pub enum Current {
@@ -76,10 +84,14 @@ pub struct LiveView {
     opt_in: bool,
     /// Whether every stream has listed once; readers wait on it.
     synced: tokio::sync::watch::Sender<bool>,
-    /// How long after start-up readers wait for the first list before they fall back.
-    sync_deadline: Instant,
+    /// Until when readers wait for the view to be complete before they fall back: start-up
+    /// plus `--watch-sync-timeout`, and again from the moment a failed stream made it
+    /// incomplete (so the first seconds of an outage wait for the relist, later ones do not).
+    sync_deadline: std::sync::Mutex<Instant>,
+    sync_timeout: Duration,
     /// Bumped by every applied change, so the snapshot writer knows when to write.
     changes: AtomicU64,
+    observer: std::sync::OnceLock<Arc<dyn Observer>>,
 }
 
 impl LiveView {
@@ -89,9 +101,17 @@ impl LiveView {
             streams,
             opt_in,
             synced: tokio::sync::watch::Sender::new(false),
-            sync_deadline: Instant::now() + sync_timeout,
+            sync_deadline: std::sync::Mutex::new(Instant::now() + sync_timeout),
+            sync_timeout,
             changes: AtomicU64::new(0),
+            observer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets the one [`Observer`] told about every change from now on; `false` if one was
+    /// set already.
+    pub fn set_observer(&self, observer: Arc<dyn Observer>) -> bool {
+        self.observer.set(observer).is_ok()
     }
 
     /// The streams that cover `scope`: one per kind, per namespace (or one cluster-wide).
@@ -120,13 +140,15 @@ impl LiveView {
         *self.synced.borrow()
     }
 
-    /// Waits until the view is complete, at most until the start-up deadline. `false`: the
-    /// watch is late (or failing); the caller falls back to the snapshot.
+    /// Waits until the view is complete, at most until `--watch-sync-timeout` after start-up
+    /// or after the failure that made it incomplete. `false`: the watch is late (or still
+    /// failing); the caller falls back to the snapshot.
     pub async fn wait_synced(&self) -> bool {
         if self.is_synced() {
             return true;
         }
-        let Some(left) = self.sync_deadline.checked_duration_since(Instant::now()) else {
+        let deadline = *crate::util::lock::lock(&self.sync_deadline);
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
             return false;
         };
         let mut rx = self.synced.subscribe();
@@ -158,6 +180,13 @@ impl LiveView {
 
     /// Applies one change from `stream`.
     pub fn apply(&self, stream: &StreamId, change: Change) {
+        if let Some(o) = self.observer.get() {
+            match &change {
+                Change::Listed(w) | Change::Applied(w) => o.applied(w),
+                Change::Deleted(key) => o.deleted(key),
+                Change::ListStarted | Change::ListDone => {}
+            }
+        }
         let mut st = self.write();
         match change {
             Change::ListStarted => {
@@ -192,6 +221,20 @@ impl LiveView {
         }
         drop(st);
         self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Marks `stream` as not synced until its next list is done (its watch failed, so the view
+    /// may lack what changed since): lookups wait for the relist up to `--watch-sync-timeout`
+    /// from now, then fall back to the snapshot index. What the stream listed stays, for the
+    /// relist to reconcile.
+    pub fn degrade(&self, stream: &StreamId) {
+        let mut st = self.write();
+        st.listing.remove(stream);
+        let was_complete = self.is_synced();
+        if st.synced.remove(stream) && was_complete {
+            self.synced.send_replace(false);
+            *crate::util::lock::lock(&self.sync_deadline) = Instant::now() + self.sync_timeout;
+        }
     }
 
     /// The enabled workloads that run `image`, as they are now. `None`: the view is not
@@ -342,6 +385,52 @@ mod tests {
         view.apply(&b, Change::ListStarted);
         view.apply(&b, Change::ListDone);
         assert_eq!(view.lookup(&image).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_failed_stream_stops_the_view_answering_until_it_has_listed_again() {
+        let view = synced_view(vec![state("prod", "web", &["app:v1"])]);
+        let s = all_deployments();
+        let image = ImageRef::parse("app:v1").unwrap();
+        assert!(view.is_synced());
+        view.degrade(&s);
+        assert!(!view.is_synced());
+        assert!(
+            view.lookup(&image).is_none(),
+            "a miss must not be authoritative"
+        );
+        assert!(matches!(
+            view.current(&WorkloadRef::new(WorkloadKind::Deployment, "prod", "web")),
+            Current::Unknown
+        ));
+        // The relist finds what changed while the watch was down.
+        view.apply(&s, Change::ListStarted);
+        view.apply(&s, Change::Listed(state("prod", "web", &["app:v1"])));
+        view.apply(&s, Change::Listed(state("prod", "new", &["app:v1"])));
+        view.apply(&s, Change::ListDone);
+        assert!(view.is_synced());
+        assert_eq!(names(&view, "app:v1"), ["new", "web"]);
+    }
+
+    #[tokio::test]
+    async fn after_a_failure_readers_wait_for_the_relist_with_a_bound() {
+        let view = Arc::new(synced_view(vec![state("prod", "web", &["app:v1"])]));
+        let s = all_deployments();
+        view.degrade(&s);
+        let relister = (view.clone(), s.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            relister.0.apply(&relister.1, Change::ListStarted);
+            relister.0.apply(&relister.1, Change::ListDone);
+        });
+        assert!(view.wait_synced().await, "the relist is waited for");
+        // A relist that does not come within --watch-sync-timeout (1 s here): fall back.
+        view.degrade(&s);
+        let started = Instant::now();
+        assert!(!view.wait_synced().await);
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        assert!(!view.wait_synced().await, "past the bound, no more waiting");
+        assert!(started.elapsed() < Duration::from_millis(1500));
     }
 
     #[test]

@@ -1,23 +1,28 @@
 //! Feeds the [`LiveView`] from kube's runtime watcher: one stream per workload kind and
 //! namespace in scope (one cluster-wide without `--namespace`), with the `--selector`.
 //!
-//! The watcher lists, then watches from the list's resourceVersion; it resumes a broken watch
-//! from the last version it saw and relists when the server answers `410 Gone`, so a change
-//! is never missed, only seen late. Every `--refresh-interval` each stream is re-created,
-//! which relists: a safety net against anything a watch could still miss, at one LIST per
-//! stream per interval.
+//! The watcher lists, then watches from the list's resourceVersion. When a stream fails (the
+//! API server restarted, the connection dropped, `410 Gone` as a watch event or as the HTTP
+//! status of the watch request) it is re-created with backoff, which relists, rather than
+//! resumed: a resumed watch replays what it missed but never says when it has caught up,
+//! while a list ends with `InitDone`. Until then the stream counts as not synced
+//! ([`LiveView::degrade`]), so the view stops answering and a miss is not taken as
+//! authoritative on a view that may lack what changed meanwhile. Every `--refresh-interval`
+//! each stream is re-created too: a safety net, at one LIST per stream per interval.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use kube::Client;
 use kube::api::Api;
+use kube::runtime::watcher as watch_stream;
 use kube::runtime::watcher::{self, Event};
-use kube::runtime::{WatchStreamExt, watcher as watch_stream};
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::status_code;
 use crate::index::live::{Change, LiveView, StreamId, key_of};
 use crate::index::workload::{Workload, WorkloadKind};
 use crate::ops::metrics::{Metrics, StreamLabels};
@@ -87,54 +92,116 @@ impl StreamContext {
             cfg = cfg.labels(sel);
         }
         let mut failing = false;
+        let mut backoff = retry_delays();
         loop {
-            let mut events = watch_stream(self.api::<K>(), cfg.clone())
-                .default_backoff()
-                .boxed();
-            let relist = tokio::time::sleep(self.config.relist_interval);
-            tokio::pin!(relist);
-            loop {
-                let event = tokio::select! {
-                    _ = self.shutdown.cancelled() => return,
-                    _ = &mut relist => break,
-                    ev = events.next() => ev,
-                };
-                match event {
-                    Some(Ok(event)) => {
-                        if failing {
-                            tracing::info!(stream = %self.where_(), "watch recovered");
-                            failing = false;
-                        }
-                        self.metrics.watch_events.get_or_create(&labels).inc();
-                        if let Some(change) = change_of(event) {
-                            let done = matches!(change, Change::ListDone);
-                            self.live.apply(&self.stream, change);
-                            if done {
-                                tracing::info!(
-                                    stream = %self.where_(),
-                                    workloads = self.live.workload_count(),
-                                    synced = self.live.is_synced(),
-                                    "watch listed"
-                                );
-                            }
-                        }
+            let started = Instant::now();
+            match self.stream_once::<K>(&cfg, &labels, &mut failing).await {
+                Ended::Shutdown => return,
+                Ended::Relist => {
+                    tracing::debug!(stream = %self.where_(), "re-creating the watch (periodic relist)");
+                }
+                Ended::Failed => {
+                    // Until the relist is done the view may lack what changed meanwhile, so
+                    // it stops answering: a miss is no longer authoritative.
+                    self.live.degrade(&self.stream);
+                    self.metrics.watch_synced.set(0);
+                    if started.elapsed() >= HEALTHY {
+                        backoff = retry_delays();
                     }
-                    Some(Err(e)) => {
-                        self.metrics.watch_errors.get_or_create(&labels).inc();
-                        // One WARN per outage: the backoff retries every few seconds.
-                        if !failing {
-                            tracing::warn!(stream = %self.where_(), error = %e, "watch failed; retrying with backoff (the live view keeps its last state)");
-                            failing = true;
-                        } else {
-                            tracing::debug!(stream = %self.where_(), error = %e, "watch still failing");
-                        }
+                    let delay = backoff.next().unwrap_or(MAX_RETRY_DELAY);
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
                     }
-                    None => break,
                 }
             }
-            tracing::debug!(stream = %self.where_(), "re-creating the watch (periodic relist)");
         }
     }
+
+    /// One watcher stream, from its list until it fails, the periodic relist is due, or
+    /// shutdown.
+    async fn stream_once<K: Workload>(
+        &self,
+        cfg: &watcher::Config,
+        labels: &StreamLabels,
+        failing: &mut bool,
+    ) -> Ended {
+        let mut events = watch_stream(self.api::<K>(), cfg.clone()).boxed();
+        let relist = tokio::time::sleep(self.config.relist_interval);
+        tokio::pin!(relist);
+        loop {
+            let event = tokio::select! {
+                _ = self.shutdown.cancelled() => return Ended::Shutdown,
+                _ = &mut relist => return Ended::Relist,
+                ev = events.next() => ev,
+            };
+            match event {
+                Some(Ok(event)) => {
+                    self.metrics.watch_events.get_or_create(labels).inc();
+                    let Some(change) = change_of(event) else {
+                        continue;
+                    };
+                    let done = matches!(change, Change::ListDone);
+                    self.live.apply(&self.stream, change);
+                    if done {
+                        self.metrics
+                            .watch_synced
+                            .set(i64::from(self.live.is_synced()));
+                        if std::mem::take(failing) {
+                            tracing::info!(stream = %self.where_(), "watch recovered");
+                        }
+                        tracing::info!(
+                            stream = %self.where_(),
+                            workloads = self.live.workload_count(),
+                            synced = self.live.is_synced(),
+                            "watch listed"
+                        );
+                    }
+                }
+                Some(Err(e)) => {
+                    self.metrics.watch_errors.get_or_create(labels).inc();
+                    // One WARN per outage: the stream is re-created with backoff until a
+                    // relist succeeds.
+                    if !*failing {
+                        tracing::warn!(stream = %self.where_(), error = %e, gone = start_gone(&e), "watch failed; relisting with backoff (until then lookups and decisions use the snapshot index)");
+                        *failing = true;
+                    } else {
+                        tracing::debug!(stream = %self.where_(), error = %e, "watch still failing");
+                    }
+                    return Ended::Failed;
+                }
+                None => return Ended::Failed,
+            }
+        }
+    }
+}
+
+/// Why a watcher stream was given up.
+enum Ended {
+    Shutdown,
+    /// `--refresh-interval` passed: re-created on purpose, at once.
+    Relist,
+    /// An error, or the end of the stream: re-created after a backoff.
+    Failed,
+}
+
+/// A stream that ran this long before failing was healthy: the backoff starts over.
+const HEALTHY: Duration = Duration::from_secs(60);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// Delays between attempts while a stream keeps failing: 0.5 s doubling to 30 s, jittered.
+fn retry_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(MAX_RETRY_DELAY)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Whether the server refused to start a watch with `410 Gone` (HTTP status, not an event).
+fn start_gone(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::WatchStartFailed(err) if status_code(err) == Some(410))
 }
 
 fn change_of<K: Workload>(event: Event<K>) -> Option<Change> {

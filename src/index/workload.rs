@@ -143,13 +143,34 @@ pub struct ContainerImage {
     pub pull_policy: Option<String>,
 }
 
-/// Rollout progress, as the workload's status reports it (kubectl `rollout status` inputs).
+/// Rollout progress as the workload reports it: the inputs of kubectl's `rollout status`,
+/// per kind (fields a kind does not have stay at their defaults).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RolloutStatus {
     pub observed_generation: i64,
+    /// Deployment and StatefulSet `spec.replicas` (the API server defaults it to 1);
+    /// DaemonSet `status.desiredNumberScheduled`.
+    pub desired: i32,
+    /// `status.replicas`: every pod of a Deployment, old ones included.
     pub replicas: i32,
+    /// `updatedReplicas` (DaemonSet: `updatedNumberScheduled`).
     pub updated_replicas: i32,
+    /// `availableReplicas` (DaemonSet: `numberAvailable`).
     pub available_replicas: i32,
+    /// StatefulSet `readyReplicas`.
+    pub ready_replicas: i32,
+    /// StatefulSet `spec.updateStrategy.rollingUpdate.partition`.
+    pub partition: Option<i32>,
+    /// StatefulSet `updateRevision` and `currentRevision`.
+    pub update_revision: Option<String>,
+    pub current_revision: Option<String>,
+    /// The reason of a Deployment's `Progressing` condition (`ProgressDeadlineExceeded`: failed).
+    pub progressing_reason: Option<String>,
+    /// Deployment `spec.progressDeadlineSeconds`.
+    pub progress_deadline_seconds: Option<i32>,
+    /// `OnDelete` update strategy (StatefulSet, DaemonSet): pods change only when someone
+    /// deletes them, so there is no rollout to follow.
+    pub on_delete: bool,
 }
 
 /// What the daemon keeps of one live workload: only what its decisions need, not the object.
@@ -261,9 +282,16 @@ impl Workload for Deployment {
         let st = self.status.as_ref();
         let status = RolloutStatus {
             observed_generation: st.and_then(|s| s.observed_generation).unwrap_or(0),
+            desired: spec.replicas.unwrap_or(1),
             replicas: st.and_then(|s| s.replicas).unwrap_or(0),
             updated_replicas: st.and_then(|s| s.updated_replicas).unwrap_or(0),
             available_replicas: st.and_then(|s| s.available_replicas).unwrap_or(0),
+            progressing_reason: st
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.type_ == "Progressing"))
+                .and_then(|c| c.reason.clone()),
+            progress_deadline_seconds: spec.progress_deadline_seconds,
+            ..RolloutStatus::default()
         };
         WorkloadState::from_parts(
             Self::KIND,
@@ -280,11 +308,21 @@ impl Workload for StatefulSet {
     fn state(&self) -> Option<WorkloadState> {
         let spec = self.spec.as_ref()?;
         let st = self.status.as_ref();
+        let strategy = spec.update_strategy.as_ref();
         let status = RolloutStatus {
             observed_generation: st.and_then(|s| s.observed_generation).unwrap_or(0),
+            desired: spec.replicas.unwrap_or(1),
             replicas: st.map(|s| s.replicas).unwrap_or(0),
             updated_replicas: st.and_then(|s| s.updated_replicas).unwrap_or(0),
             available_replicas: st.and_then(|s| s.available_replicas).unwrap_or(0),
+            ready_replicas: st.and_then(|s| s.ready_replicas).unwrap_or(0),
+            partition: strategy
+                .and_then(|u| u.rolling_update.as_ref())
+                .and_then(|r| r.partition),
+            update_revision: st.and_then(|s| s.update_revision.clone()),
+            current_revision: st.and_then(|s| s.current_revision.clone()),
+            on_delete: strategy.and_then(|u| u.type_.as_deref()) == Some("OnDelete"),
+            ..RolloutStatus::default()
         };
         WorkloadState::from_parts(Self::KIND, &self.metadata, &spec.template, false, status)
     }
@@ -297,9 +335,15 @@ impl Workload for DaemonSet {
         let st = self.status.as_ref();
         let status = RolloutStatus {
             observed_generation: st.and_then(|s| s.observed_generation).unwrap_or(0),
-            replicas: st.map(|s| s.desired_number_scheduled).unwrap_or(0),
+            desired: st.map(|s| s.desired_number_scheduled).unwrap_or(0),
             updated_replicas: st.and_then(|s| s.updated_number_scheduled).unwrap_or(0),
             available_replicas: st.and_then(|s| s.number_available).unwrap_or(0),
+            on_delete: spec
+                .update_strategy
+                .as_ref()
+                .and_then(|u| u.type_.as_deref())
+                == Some("OnDelete"),
+            ..RolloutStatus::default()
         };
         WorkloadState::from_parts(Self::KIND, &self.metadata, &spec.template, false, status)
     }

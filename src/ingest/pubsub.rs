@@ -5,6 +5,7 @@
 use google_cloud_pubsub::client::{BasePublisher, Publisher, Subscriber};
 use google_cloud_pubsub::model::Message;
 
+use crate::act::notify::RecordSink;
 use crate::settle::deadletter::{DeadLetter, DeadLetterSink, PublishError};
 
 /// The ack deadline requested for received messages and for each lease extension (the daemon's
@@ -113,5 +114,30 @@ impl DeadLetterSink for PubSubDeadLetters {
                 topic: self.topic.clone(),
                 message: e.to_string(),
             })
+    }
+}
+
+/// Publishes outcome records to `--notify-topic`.
+pub struct PubSubRecords {
+    topic: String,
+    publisher: Publisher,
+}
+
+impl PubSubRecords {
+    pub async fn new(topic: &str) -> Result<Self, PubSubError> {
+        Ok(Self {
+            topic: topic.to_string(),
+            publisher: publisher(topic).await?,
+        })
+    }
+}
+
+impl RecordSink for PubSubRecords {
+    async fn send(&self, json: Vec<u8>) -> Result<(), String> {
+        self.publisher
+            .publish(Message::new().set_data(json))
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("publishing to {}: {e}", self.topic))
     }
 }

@@ -39,6 +39,18 @@ pub struct StreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RolloutLabels {
+    pub kind: &'static str,
+    /// succeeded, failed or timed_out.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
     pub source: &'static str,
 }
@@ -75,6 +87,8 @@ const ACTIONS: [&str; 4] = ["insert", "insert_digest_only", "delete", "malformed
 const SETTLED: [&str; 3] = ["ack", "nack", "dead_letter"];
 const DEAD_LETTER_KINDS: [&str; 3] = ["malformed", "permanent", "exhausted"];
 const REBUILD_RESULTS: [&str; 2] = ["ok", "error"];
+const ROLLOUT_RESULTS: [&str; 3] = ["succeeded", "failed", "timed_out"];
+const ROLLOUT_DROPS: [&str; 4] = ["superseded", "deleted", "untrackable", "capacity"];
 
 fn histogram_seconds() -> Histogram {
     // 50 µs … ~27 min: covers a memory lookup and a full cluster rebuild alike.
@@ -108,6 +122,11 @@ pub struct Metrics {
     pub watch_errors: Family<StreamLabels, Counter>,
     /// 1 once every watch stream has listed: lookups and decisions use the live view.
     pub watch_synced: Gauge,
+    pub rollouts: Family<RolloutLabels, Counter>,
+    pub push_to_rollout_seconds: Histogram,
+    pub rollouts_dropped: Family<ReasonLabels, Counter>,
+    pub rollouts_tracked: Gauge,
+    pub notifications: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -144,6 +163,12 @@ impl Metrics {
             watch_events: Family::default(),
             watch_errors: Family::default(),
             watch_synced: Gauge::default(),
+            rollouts: Family::default(),
+            // 0.5 s … ~2.6 h: a rollout takes seconds to the progress deadline and beyond.
+            push_to_rollout_seconds: Histogram::new(exponential_buckets(0.5, 1.8, 16)),
+            rollouts_dropped: Family::default(),
+            rollouts_tracked: Gauge::default(),
+            notifications: Family::default(),
             registry: Registry::default(),
         };
         for action in ACTIONS {
@@ -161,6 +186,17 @@ impl Metrics {
         }
         for result in REBUILD_RESULTS {
             let _ = m.rebuilds.get_or_create(&ResultLabels { result });
+        }
+        for kind in ["Deployment", "StatefulSet", "DaemonSet"] {
+            for result in ROLLOUT_RESULTS {
+                let _ = m.rollouts.get_or_create(&RolloutLabels { kind, result });
+            }
+        }
+        for result in ["published", "failed", "dropped"] {
+            let _ = m.notifications.get_or_create(&ResultLabels { result });
+        }
+        for reason in ROLLOUT_DROPS {
+            let _ = m.rollouts_dropped.get_or_create(&ReasonLabels { reason });
         }
         m.build_info
             .get_or_create(&BuildLabels {
@@ -222,6 +258,31 @@ impl Metrics {
             "watch_synced",
             "1 once every watch stream has listed and the live view is complete",
             m.watch_synced.clone(),
+        );
+        registry.register(
+            "rollouts",
+            "Rollouts followed to their end after a restart, by kind and result (succeeded, failed: ProgressDeadlineExceeded, timed_out)",
+            m.rollouts.clone(),
+        );
+        registry.register(
+            "push_to_rollout_seconds",
+            "From the message's publish time to the end of the rollout it started (any result)",
+            m.push_to_rollout_seconds.clone(),
+        );
+        registry.register(
+            "rollouts_dropped",
+            "Rollouts no longer followed before their end, by reason (superseded by a later restart, workload deleted, untrackable: OnDelete strategy, capacity)",
+            m.rollouts_dropped.clone(),
+        );
+        registry.register(
+            "rollouts_tracked",
+            "Rollouts being followed now",
+            m.rollouts_tracked.clone(),
+        );
+        registry.register(
+            "notifications",
+            "Outcome records for --notify-topic, by result (published, failed after its tries, dropped: queue full)",
+            m.notifications.clone(),
         );
         registry.register(
             "index_images",

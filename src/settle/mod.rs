@@ -224,6 +224,8 @@ mod tests {
                     metrics: Arc::new(Metrics::new()),
                 },
                 abort: tokio_util::sync::CancellationToken::new(),
+                rollouts: None,
+                notify: None,
             },
             PipelineConfig { max_attempts: 5 },
         )

@@ -35,6 +35,9 @@ pub const DLQ_SUB: &str = "gcr-dead-letter-sub";
 /// Where Pub/Sub itself forwards a message after the subscription's max delivery attempts
 /// (only with [`Harness::real_with_pubsub_dead_letter_policy`]).
 pub const PUBSUB_DLQ_TOPIC: &str = "gcr-pubsub-dead-letter";
+/// The outcome topic a test may pass as `--notify-topic`, and a subscription to read it.
+pub const NOTIFY_TOPIC: &str = "gar-restarter-outcomes";
+pub const NOTIFY_SUB: &str = "gar-restarter-outcomes-sub";
 
 pub const HEX_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 pub const HEX_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
@@ -140,7 +143,13 @@ impl Harness {
             metrics_addr: self.metrics_addr,
             log: self.dir.path().join("daemon.log"),
             log_filter: std::env::var("GAR_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            args: self.extra_args.clone(),
+            // Unpaced unless a test says otherwise (later flags win): the reliability tests'
+            // bursts of hundreds of restarts would take minutes at the default 10/s, and
+            // tests/fan_out.rs is where pacing is tested.
+            args: ["--max-restarts-per-second".to_owned(), "0".to_owned()]
+                .into_iter()
+                .chain(self.extra_args.iter().cloned())
+                .collect(),
             env: self.extra_env.clone(),
         }
     }
@@ -455,7 +464,11 @@ impl Harness {
         pubsub_dead_letter_after: Option<u32>,
     ) -> Harness {
         init_crypto();
-        let mut subs = vec![(SUB, TOPIC), (DLQ_SUB, DLQ_TOPIC)];
+        let mut subs = vec![
+            (SUB, TOPIC),
+            (DLQ_SUB, DLQ_TOPIC),
+            (NOTIFY_SUB, NOTIFY_TOPIC),
+        ];
         subs.extend_from_slice(extra);
         let policy: Vec<(&str, &str, u32)> = pubsub_dead_letter_after
             .map(|max| (SUB, PUBSUB_DLQ_TOPIC, max))
@@ -463,7 +476,7 @@ impl Harness {
             .collect();
         let emulator = Emulator::start_with_dead_letters(
             PROJECT,
-            &[TOPIC, DLQ_TOPIC, PUBSUB_DLQ_TOPIC],
+            &[TOPIC, DLQ_TOPIC, PUBSUB_DLQ_TOPIC, NOTIFY_TOPIC],
             &subs,
             &policy,
         )

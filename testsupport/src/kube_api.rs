@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use futures::{StreamExt, TryStreamExt};
 use kube::api::{DeleteParams, DynamicObject, PostParams};
 use kube::discovery::ApiResource;
 use kube::{Api, Client};
@@ -24,7 +25,7 @@ pub struct KubeApi {
     proxy: ApiProxy,
     /// The daemon's service-account token (TokenRequest API).
     daemon_token: String,
-    _kubelet: Kubelet,
+    kubelet: Kubelet,
     grant: Grant,
     // Last: stops after everything that talks to it.
     cluster: Cluster,
@@ -97,7 +98,7 @@ impl KubeApi {
         Ok(Arc::new(KubeApi {
             proxy,
             daemon_token,
-            _kubelet: kubelet,
+            kubelet,
             grant,
             cluster,
         }))
@@ -105,6 +106,11 @@ impl KubeApi {
 
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
+    }
+
+    /// The stand-in kubelet that makes pods Ready (and can hold an image's pods unready).
+    pub fn kubelet(&self) -> &Kubelet {
+        &self.kubelet
     }
 
     pub fn proxy(&self) -> &ApiProxy {
@@ -192,48 +198,43 @@ impl KubeApi {
     /// Creates `obj` (its namespace too, if missing) with the admin identity. Fields the
     /// server owns (resourceVersion, uid, status, …) are dropped first, so an object read
     /// back earlier can be created again, as with the fake.
-    pub fn insert(&self, mut obj: Value) {
-        if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
-            for owned in [
-                "resourceVersion",
-                "uid",
-                "creationTimestamp",
-                "generation",
-                "managedFields",
-                "deletionTimestamp",
-                "deletionGracePeriodSeconds",
-            ] {
-                meta.remove(owned);
-            }
-        }
-        if let Some(o) = obj.as_object_mut() {
-            o.remove("status");
-        }
-        let kind = obj["kind"].as_str().unwrap_or_default().to_owned();
-        let ns = obj["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("default")
-            .to_owned();
-        let name = obj["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        let object: DynamicObject = serde_json::from_value(obj)
-            .unwrap_or_else(|e| panic!("KubeApi::insert: not an object: {e}"));
+    pub fn insert(&self, obj: Value) {
+        self.insert_many(vec![obj], 1);
+    }
+
+    /// Creates every object, `concurrency` requests at a time (their namespaces first):
+    /// how a bench fills a cluster with thousands of workloads in seconds.
+    pub fn insert_many(&self, objects: Vec<Value>, concurrency: usize) {
+        let objects: Vec<(String, String, String, DynamicObject)> =
+            objects.into_iter().map(creatable).collect();
+        let mut namespaces: Vec<String> = objects.iter().map(|(_, ns, _, _)| ns.clone()).collect();
+        namespaces.sort();
+        namespaces.dedup();
         let result = self.with_admin(move |client| async move {
-            let api = Self::dynamic(client.clone(), &kind, &ns);
-            let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
-            let namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))
-                .map_err(|e| e.to_string())?;
-            match namespaces.create(&PostParams::default(), &namespace).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 409 => {}
-                Err(e) => return Err(format!("create namespace {ns}: {e}")),
+            let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+            for ns in namespaces {
+                let namespace =
+                    serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))
+                        .map_err(|e| e.to_string())?;
+                match api.create(&PostParams::default(), &namespace).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 409 => {}
+                    Err(e) => return Err(format!("create namespace {ns}: {e}")),
+                }
             }
-            api.create(&PostParams::default(), &object)
+            futures::stream::iter(objects)
+                .map(|(kind, ns, name, object)| {
+                    let api = Self::dynamic(client.clone(), &kind, &ns);
+                    async move {
+                        api.create(&PostParams::default(), &object)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| format!("create {kind} {ns}/{name}: {e}"))
+                    }
+                })
+                .buffer_unordered(concurrency.max(1))
+                .try_collect::<()>()
                 .await
-                .map(|_| ())
-                .map_err(|e| format!("create {kind} {ns}/{name}: {e}"))
         });
         if let Err(e) = result {
             panic!("KubeApi::insert: {e}");
@@ -265,26 +266,33 @@ impl KubeApi {
         Some(old)
     }
 
-    /// Reads the object, lets `f` change it and writes it back (PUT, by resourceVersion).
+    /// Reads the object, lets `f` change it and writes it back (PUT, by resourceVersion);
+    /// on 409 (a controller wrote it in between) reads it again and reapplies `f`.
     pub fn modify(
         &self,
         resource_name: &str,
         ns: &str,
         name: &str,
-        f: impl FnOnce(&mut Value),
+        mut f: impl FnMut(&mut Value),
     ) -> Option<Value> {
-        let mut object = self.get(resource_name, ns, name)?;
-        f(&mut object);
-        let (kind, namespace, name) = (resource_name.to_owned(), ns.to_owned(), name.to_owned());
-        let object: DynamicObject = serde_json::from_value(object).ok()?;
-        let updated = self
-            .with_admin(move |client| async move {
+        for _ in 0..10 {
+            let mut object = self.get(resource_name, ns, name)?;
+            f(&mut object);
+            let (kind, namespace, name) =
+                (resource_name.to_owned(), ns.to_owned(), name.to_owned());
+            let object: DynamicObject = serde_json::from_value(object).ok()?;
+            let result = self.with_admin(move |client| async move {
                 Self::dynamic(client, &kind, &namespace)
                     .replace(&name, &PostParams::default(), &object)
                     .await
-            })
-            .unwrap_or_else(|e| panic!("KubeApi::modify {resource_name} {ns}: {e}"));
-        serde_json::to_value(updated).ok()
+            });
+            match result {
+                Ok(updated) => return serde_json::to_value(updated).ok(),
+                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                Err(e) => panic!("KubeApi::modify {resource_name} {ns}: {e}"),
+            }
+        }
+        panic!("KubeApi::modify {resource_name} {ns}/{name}: 10 conflicts in a row")
     }
 
     pub fn add_fault(&self, fault: Fault) {
@@ -294,6 +302,39 @@ impl KubeApi {
     pub fn clear_faults(&self) {
         self.proxy.clear_faults()
     }
+}
+
+/// `obj` without its server-owned fields, with the resource, namespace and name to create it
+/// under.
+fn creatable(mut obj: Value) -> (String, String, String, DynamicObject) {
+    if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        for owned in [
+            "resourceVersion",
+            "uid",
+            "creationTimestamp",
+            "generation",
+            "managedFields",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+        ] {
+            meta.remove(owned);
+        }
+    }
+    if let Some(o) = obj.as_object_mut() {
+        o.remove("status");
+    }
+    let kind = obj["kind"].as_str().unwrap_or_default().to_owned();
+    let ns = obj["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("default")
+        .to_owned();
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let object: DynamicObject = serde_json::from_value(obj)
+        .unwrap_or_else(|e| panic!("KubeApi::insert: not an object: {e}"));
+    (kind, ns, name, object)
 }
 
 /// The daemon's API traffic, as the proxy in front of the API server recorded it.

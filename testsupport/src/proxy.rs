@@ -55,6 +55,8 @@ pub struct ApiProxy {
     addr: SocketAddr,
     shared: Arc<Shared>,
     _shutdown: watch::Sender<bool>,
+    /// Bumped by [`ApiProxy::cut_connections`]: every connection open then is closed.
+    cuts: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for ApiProxy {
@@ -109,6 +111,7 @@ impl ApiProxy {
             state: Mutex::new(State::default()),
         });
         let (tx, rx) = watch::channel(false);
+        let (cuts, cut_rx) = watch::channel(0u64);
         let served = shared.clone();
         std::thread::Builder::new()
             .name("gar-api-proxy".into())
@@ -124,7 +127,7 @@ impl ApiProxy {
                     let Ok(listener) = TcpListener::from_std(std_listener) else {
                         return;
                     };
-                    serve(listener, served, rx).await;
+                    serve(listener, served, rx, cut_rx).await;
                 });
             })
             .map_err(|e| ProxyError::Setup(format!("cannot start the proxy thread: {e}")))?;
@@ -132,6 +135,7 @@ impl ApiProxy {
             addr,
             shared,
             _shutdown: tx,
+            cuts,
         })
     }
 
@@ -156,9 +160,21 @@ impl ApiProxy {
     pub fn clear_faults(&self) {
         self.state().faults.clear();
     }
+
+    /// Closes every connection open now, open watches included, as an API server restart
+    /// or a load balancer does; later connections are served as usual. The client sees its
+    /// watches end mid-stream and must resume (or relist) on its own.
+    pub fn cut_connections(&self) {
+        self.cuts.send_modify(|n| *n += 1);
+    }
 }
 
-async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    cuts: watch::Receiver<u64>,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.changed() => return,
@@ -171,6 +187,8 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let mut stop = shutdown.clone();
+        let mut cut = cuts.clone();
+        cut.mark_unchanged();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let shared = shared.clone();
@@ -180,6 +198,7 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::
             tokio::select! {
                 _ = conn => {}
                 _ = stop.changed() => {}
+                _ = cut.changed() => {}
             }
         });
     }
@@ -226,6 +245,25 @@ fn status_response(code: u16, retry_after: Option<u64>, message: String) -> Resp
     response
 }
 
+/// What kube-apiserver sends for a watch from a resourceVersion older than it keeps: a
+/// successful response whose one event is a `410 Gone` error, then the end of the stream.
+fn expired_watch() -> Response<Body> {
+    let event = json!({
+        "type": "ERROR",
+        "object": {
+            "kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "reason": "Expired", "code": 410,
+            "message": "too old resource version (injected by the test proxy)",
+        },
+    });
+    let mut response = Response::new(full(format!("{event}\n")));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -264,7 +302,11 @@ impl Shared {
             serde_json::from_slice(&body)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()))
         });
-        let rolled = traffic::roll(&mut self.state().faults, &method, &path);
+        let target = match &query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
+        let rolled = traffic::roll(&mut self.state().faults, &method, &target);
         if !rolled.latency.is_zero() {
             tokio::time::sleep(rolled.latency).await;
         }
@@ -280,6 +322,10 @@ impl Shared {
         if rolled.drop_connection {
             self.state().requests.push(record(0));
             return None;
+        }
+        if rolled.expire_watch {
+            self.state().requests.push(record(200));
+            return Some(expired_watch());
         }
         if let Some((code, retry_after)) = rolled.status {
             self.state().requests.push(record(code));

@@ -105,6 +105,9 @@ pub struct Fault {
     pub method: Option<String>,
     /// Substring the request path (without query) must contain; empty matches every path.
     pub path_contains: String,
+    /// Substring the raw query string must contain (`watch=true` tells a watch from a LIST);
+    /// `None` matches every query, none included.
+    pub query_contains: Option<String>,
     /// Reply with a `Status` body of this code instead of serving the request.
     pub status: Option<u16>,
     /// Delay before replying (or before serving normally, when `status` is `None`).
@@ -118,6 +121,10 @@ pub struct Fault {
     /// Close the connection without an answer (honoured by the proxy; the fake API server
     /// answers 503 instead).
     pub drop_connection: bool,
+    /// Answer as kube-apiserver answers a watch whose resourceVersion it no longer has:
+    /// HTTP 200, one `ERROR` event carrying a `410 Gone` Status, and the end of the stream
+    /// (honoured by the proxy; the fake API server, which cannot watch, answers 410).
+    pub expire_watch: bool,
 }
 
 impl Default for Fault {
@@ -125,12 +132,14 @@ impl Default for Fault {
         Self {
             method: None,
             path_contains: String::new(),
+            query_contains: None,
             status: None,
             latency: None,
             probability: 1.0,
             times: None,
             retry_after: None,
             drop_connection: false,
+            expire_watch: false,
         }
     }
 }
@@ -157,6 +166,12 @@ impl Fault {
     /// Only match requests with this HTTP method.
     pub fn on_method(mut self, method: &str) -> Self {
         self.method = Some(method.to_ascii_uppercase());
+        self
+    }
+
+    /// Only match requests whose query string contains `query` (e.g. `watch=true`).
+    pub fn on_query(mut self, query: &str) -> Self {
+        self.query_contains = Some(query.to_owned());
         self
     }
 
@@ -187,11 +202,27 @@ impl Fault {
         }
     }
 
-    fn matches(&self, method: &str, path: &str) -> bool {
+    /// `target` is the request's path, with its `?query` when it has one.
+    /// Expire the watches on paths containing `path_contains` (see [`Fault::expire_watch`]).
+    pub fn expire_watch(path_contains: impl Into<String>) -> Self {
+        Self {
+            path_contains: path_contains.into(),
+            query_contains: Some("watch=".into()),
+            expire_watch: true,
+            ..Self::default()
+        }
+    }
+
+    fn matches(&self, method: &str, target: &str) -> bool {
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
         self.method
             .as_deref()
             .is_none_or(|m| m.eq_ignore_ascii_case(method))
             && path.contains(self.path_contains.as_str())
+            && self
+                .query_contains
+                .as_deref()
+                .is_none_or(|q| query.contains(q))
     }
 }
 
@@ -204,16 +235,19 @@ pub struct Rolled {
     pub status: Option<(u16, Option<u64>)>,
     /// A firing rule asked to drop the connection.
     pub drop_connection: bool,
+    /// A firing rule asked to expire the watch (an in-stream `410 Gone`).
+    pub expire_watch: bool,
 }
 
 /// Evaluates every matching fault: latencies add up, the first firing error (or drop) wins
 /// (later error faults are then not consulted, so their `times` budget is not spent).
-pub fn roll(faults: &mut Vec<Fault>, method: &str, path: &str) -> Rolled {
+/// `target` is the request path, with its `?query` when there is one.
+pub fn roll(faults: &mut Vec<Fault>, method: &str, target: &str) -> Rolled {
     let mut outcome = Rolled::default();
     for fault in faults.iter_mut() {
-        let is_error = fault.status.is_some() || fault.drop_connection;
-        let decided = outcome.status.is_some() || outcome.drop_connection;
-        if !fault.matches(method, path) || fault.times == Some(0) || (decided && is_error) {
+        let is_error = fault.status.is_some() || fault.drop_connection || fault.expire_watch;
+        let decided = outcome.status.is_some() || outcome.drop_connection || outcome.expire_watch;
+        if !fault.matches(method, target) || fault.times == Some(0) || (decided && is_error) {
             continue;
         }
         let fires = fault.probability >= 1.0
@@ -229,6 +263,8 @@ pub fn roll(faults: &mut Vec<Fault>, method: &str, path: &str) -> Rolled {
         }
         if fault.drop_connection {
             outcome.drop_connection = true;
+        } else if fault.expire_watch {
+            outcome.expire_watch = true;
         } else if let Some(code) = fault.status {
             outcome.status = Some((code, fault.retry_after));
         }
@@ -291,5 +327,22 @@ mod tests {
         let mut drop = vec![Fault::drop_connection("").on_method("PATCH")];
         assert!(roll(&mut drop, "patch", "/x").drop_connection);
         assert!(!roll(&mut drop, "GET", "/x").drop_connection);
+    }
+
+    #[test]
+    fn a_query_rule_tells_a_watch_from_a_list() {
+        let path = "/apis/apps/v1/namespaces/a/deployments";
+        let mut faults = vec![Fault::error("deployments", 410).on_query("watch=true")];
+        assert_eq!(roll(&mut faults, "GET", path), Rolled::default());
+        assert_eq!(
+            roll(&mut faults, "GET", &format!("{path}?limit=500")),
+            Rolled::default()
+        );
+        let watch = roll(
+            &mut faults,
+            "GET",
+            &format!("{path}?watch=true&resourceVersion=7"),
+        );
+        assert_eq!(watch.status, Some((410, None)));
     }
 }

@@ -52,12 +52,21 @@ pub struct Args {
     /// Internal: the optimised xtask re-run by the debug one, after the build.
     #[arg(long, hide = true)]
     measure_only: bool,
+    /// Only the live-view figures on a real kube-apiserver (freshness, and the watch at
+    /// scale), without the end-to-end run on the fake API.
+    #[arg(long)]
+    live_only: bool,
+    /// Deployments the watch-at-scale run creates and watches (5 images each); 0 skips it.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    watched: usize,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let Args {
         binary,
         measure_only,
+        live_only,
+        watched,
     } = args;
     let root = util::repo_root();
     let target = std::env::var("CARGO_TARGET_DIR")
@@ -72,7 +81,10 @@ pub fn run(args: Args) -> Result<()> {
         )?;
         if cfg!(debug_assertions) {
             let mut cmd = Command::new(target.join("release/xtask"));
-            cmd.args(["bench", "--measure-only"]);
+            cmd.args(["bench", "--measure-only", "--watched", &watched.to_string()]);
+            if live_only {
+                cmd.arg("--live-only");
+            }
             if let Some(b) = &binary {
                 cmd.arg("--binary").arg(b);
             }
@@ -86,7 +98,133 @@ pub fn run(args: Args) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(bench(&binary, size))
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    rt.block_on(async {
+        if !live_only {
+            bench(&binary, size).await?;
+            fan_out(&binary).await?;
+        }
+        live(&binary, watched).await
+    })
+}
+
+/// Workloads one push reaches in the fan-out run, and the pace it is restarted at.
+const FAN_OUT: usize = 1_000;
+const FAN_OUT_RATE: usize = 100;
+
+/// One push of an image that [`FAN_OUT`] workloads share, at
+/// `--max-restarts-per-second=FAN_OUT_RATE`: every workload restarted once, at the configured
+/// pace (measured from the PATCHes the API received), and the message acked once.
+async fn fan_out(binary: &Path) -> Result<()> {
+    let emu = Emulator::start("fan-out", &["gcr", "dlq"], &[("gcr-sub", "gcr")]).await?;
+    let api = FakeApi::start().await?;
+    let image = "europe-west4-docker.pkg.dev/p/r/sidecar:v3";
+    for i in 0..FAN_OUT {
+        api.insert(deployment(
+            &format!("ns-{}", i % 50),
+            &format!("svc-{i}"),
+            &[image],
+        ));
+    }
+    let tmp = tempfile::tempdir()?;
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let spec = DaemonSpec {
+        binary: binary.to_owned(),
+        pubsub_host: emu.host(),
+        subscription: emu.subscription("gcr-sub"),
+        dead_letter_topic: emu.topic("dlq"),
+        kubeconfig,
+        // Empty: the index comes from the start-up scan of the fake API.
+        cache_dir: tmp.path().join("cache"),
+        metrics_addr: free_addr()?,
+        log: tmp.path().join("daemon.log"),
+        log_filter: "warn".into(),
+        args: vec![
+            "--watch=false".into(),
+            format!("--max-restarts-per-second={FAN_OUT_RATE}"),
+        ],
+        env: Vec::new(),
+    };
+    let mut daemon = Daemon::spawn(&spec)?;
+    daemon.wait_ready(Duration::from_secs(60)).await?;
+    api.clear_requests();
+    let publisher = BasePublisher::builder()
+        .with_endpoint(emu.endpoint())
+        .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build())
+        .build()
+        .await?
+        .publisher(emu.topic("gcr"))
+        .build();
+    let event = serde_json::json!({
+        "action": "INSERT",
+        "digest": format!("europe-west4-docker.pkg.dev/p/r/sidecar@sha256:{:064x}", 7),
+        "tag": image,
+    });
+    publisher
+        .publish(Message::new().set_data(bytes::Bytes::from(event.to_string())))
+        .await?;
+    let acks = || daemon.metric("gar_restarter_events_settled_total{outcome=\"ack\"}");
+    let deadline = Instant::now() + Duration::from_secs((3 * FAN_OUT / FAN_OUT_RATE) as u64 + 30);
+    while acks() < 1.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let acked = acks();
+    let nacks = daemon.metric("gar_restarter_events_settled_total{outcome=\"nack\"}");
+    let mut at: Vec<Instant> = api.patches().iter().map(|p| p.received_at).collect();
+    at.sort();
+    let (Some(first), Some(last)) = (at.first(), at.last()) else {
+        bail!("no PATCH was made; see {}", spec.log.display());
+    };
+    let span = (*last - *first).as_secs_f64();
+    // The bucket's burst (one second's worth) goes at once; the rest at the configured pace.
+    let paced = at.len().saturating_sub(FAN_OUT_RATE) as f64 / span;
+    println!(
+        "| fan-out: one push for {FAN_OUT} workloads at --max-restarts-per-second={FAN_OUT_RATE} | {} PATCHes, {acked} ack, {nacks} nacks; first → last PATCH {span:.2} s: {paced:.1}/s after the burst |",
+        at.len(),
+    );
+    daemon
+        .terminate(Duration::from_secs(10))
+        .context("stopping the daemon")?;
+    if at.len() != FAN_OUT || acked != 1.0 || nacks != 0.0 {
+        bail!(
+            "fan-out: {} PATCHes, {acked} acks, {nacks} nacks (want {FAN_OUT}, 1, 0); see {}",
+            at.len(),
+            spec.log.display()
+        );
+    }
+    if paced > FAN_OUT_RATE as f64 * 1.1 {
+        bail!("fan-out ran at {paced:.1}/s, above --max-restarts-per-second={FAN_OUT_RATE}");
+    }
+    Ok(())
+}
+
+/// The live view's figures, on a real API server (the fake cannot watch): freshness, and
+/// start-up and memory with `watched` Deployments watched.
+async fn live(binary: &Path, watched: usize) -> Result<()> {
+    let fresh = crate::freshness::measure(binary).await?;
+    for (change, p50, p99, max) in &fresh.rows {
+        println!(
+            "| live view freshness: {change} (real kube-apiserver, write accepted → watch event applied) | p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms |"
+        );
+    }
+    println!(
+        "| LISTs while those changes were applied (steady state) | {} |",
+        fresh.lists_in_steady_state
+    );
+    if watched > 0 {
+        let s = crate::freshness::scale(binary, watched, IMAGES_PER_WORKLOAD).await?;
+        println!(
+            "| watch at scale: {} Deployments / {} refs on a real kube-apiserver, no mounted index | start → ready {:.2} s, start → watch listed {:.2} s, VmRSS {:.1} MiB, VmHWM {:.1} MiB |",
+            s.workloads,
+            s.refs,
+            s.ready.as_secs_f64(),
+            s.synced.as_secs_f64(),
+            s.rss_mib,
+            s.hwm_mib
+        );
+    }
+    Ok(())
 }
 
 /// Spawns the daemon and waits for /readyz, asking every 2 ms so that the start-up time is
@@ -109,7 +247,8 @@ async fn start_daemon(
         log: log.to_owned(),
         log_filter: "warn".into(),
         // The fake API server answers watches with 405: the daemon runs on its snapshot.
-        args: vec!["--watch=false".into()],
+        // Unpaced: this measures the daemon's own speed (the fan-out row measures pacing).
+        args: vec!["--watch=false".into(), "--max-restarts-per-second=0".into()],
         env: Vec::new(),
     };
     let mut daemon = Daemon::spawn(&spec)?;
@@ -124,7 +263,7 @@ fn rss_mb(pid: u32) -> f64 {
     status_mb(pid, "VmRSS:")
 }
 
-fn status_mb(pid: u32, field: &str) -> f64 {
+pub(crate) fn status_mb(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -174,7 +313,6 @@ fn mount_index(dir: &Path) -> Result<()> {
 }
 
 async fn bench(binary: &Path, binary_size: u64) -> Result<()> {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let emu = Emulator::start(PROJECT, &["gcr", "dlq"], &[("gcr-sub", "gcr")]).await?;
     let api = FakeApi::start().await?;
     let tmp = tempfile::tempdir()?;
@@ -345,17 +483,6 @@ async fn bench(binary: &Path, binary_size: u64) -> Result<()> {
     println!(
         "| release binary | {:.1} MiB ({binary_size} bytes) |",
         binary_size as f64 / 1_048_576.0
-    );
-    // The live view's freshness needs a real API server (the fake cannot watch).
-    let fresh = crate::freshness::measure(binary).await?;
-    for (change, p50, p99, max) in &fresh.rows {
-        println!(
-            "| live view freshness: {change} (real kube-apiserver, write accepted → watch event applied) | p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms |"
-        );
-    }
-    println!(
-        "| LISTs while those changes were applied (steady state) | {} |",
-        fresh.lists_in_steady_state
     );
     if burst_count < BURST {
         bail!(

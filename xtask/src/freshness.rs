@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use gar_testsupport::daemon::{Daemon, DaemonSpec, free_addr};
 use gar_testsupport::emulator::Emulator;
+use gar_testsupport::fixtures;
 use gar_testsupport::kube_api::KubeApi;
 use gar_testsupport::metrics;
 use gar_testsupport::objects::deployment;
@@ -176,4 +177,96 @@ pub async fn measure(binary: &Path) -> Result<Figures> {
 /// milliseconds; waiting it out keeps the next round's first event the next round's change.
 async fn settle() {
     tokio::time::sleep(Duration::from_millis(150)).await;
+}
+
+/// The live view at scale on a real kube-apiserver.
+pub struct Scale {
+    pub workloads: usize,
+    pub refs: usize,
+    /// Spawn → /readyz (no mounted index: the cache ConfigMap, else a scan, is loaded first).
+    pub ready: Duration,
+    /// Spawn → every watch stream has listed (`gar_restarter_watch_synced` = 1).
+    pub synced: Duration,
+    pub rss_mib: f64,
+    pub hwm_mib: f64,
+}
+
+/// `workloads` Deployments (0 replicas, `images` containers each, a fixture's GAR paths)
+/// created on a real control plane, then a daemon started with its watch on: how long until
+/// it is ready and until the watch has listed them all, and its resident memory once it has.
+pub async fn scale(binary: &Path, workloads: usize, images: usize) -> Result<Scale> {
+    let emu = Emulator::start("scale", &["gcr", "dlq"], &[("gcr-sub", "gcr")]).await?;
+    let api = KubeApi::start()
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the control plane: {e}"))?;
+    let objects: Vec<serde_json::Value> = (0..workloads)
+        .map(|i| {
+            let refs: Vec<String> = (0..images).map(|j| fixtures::image(i, j)).collect();
+            let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+            zero_replicas(deployment(
+                &format!("team-{}", i % 20),
+                &format!("svc-{i}"),
+                &refs,
+            ))
+        })
+        .collect();
+    let created = Instant::now();
+    let api = std::sync::Arc::new(api);
+    let filler = api.clone();
+    tokio::task::spawn_blocking(move || filler.insert_many(objects, 32)).await?;
+    eprintln!(
+        "scale: {workloads} Deployments created in {:.1?}",
+        created.elapsed()
+    );
+    let tmp = tempfile::tempdir()?;
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let spec = DaemonSpec {
+        binary: binary.to_owned(),
+        pubsub_host: emu.host(),
+        subscription: emu.subscription("gcr-sub"),
+        dead_letter_topic: emu.topic("dlq"),
+        kubeconfig,
+        cache_dir: tmp.path().join("cache"),
+        metrics_addr: free_addr()?,
+        log: tmp.path().join("daemon.log"),
+        log_filter: "warn".into(),
+        args: Vec::new(),
+        env: Vec::new(),
+    };
+    let spawned = Instant::now();
+    let mut daemon = Daemon::spawn(&spec)?;
+    let ready = daemon
+        .wait_ready_polling(Duration::from_secs(300), Duration::from_millis(5))
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while metrics::value(&daemon.metrics(), "gar_restarter_watch_synced") != 1.0 {
+        if Instant::now() > deadline {
+            bail!("the watch never listed:\n{}", daemon.log());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let synced = spawned.elapsed();
+    // Let the start-up's transient buffers go and the first snapshot be written.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pid = daemon.id().context("the daemon has no pid")?;
+    let (rss_mib, hwm_mib) = (
+        crate::bench::status_mb(pid, "VmRSS:"),
+        crate::bench::status_mb(pid, "VmHWM:"),
+    );
+    let listed = events_applied(&daemon);
+    daemon
+        .terminate(Duration::from_secs(10))
+        .context("stopping the daemon")?;
+    if listed.is_nan() || listed < workloads as f64 {
+        bail!("the watch applied {listed} events for {workloads} Deployments");
+    }
+    Ok(Scale {
+        workloads,
+        refs: workloads * images,
+        ready,
+        synced,
+        rss_mib,
+        hwm_mib,
+    })
 }

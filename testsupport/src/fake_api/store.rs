@@ -98,6 +98,7 @@ impl State {
             latency: rolled.latency,
             error: rolled
                 .status
+                .or(rolled.expire_watch.then_some((410, None)))
                 .map(|(code, retry_after)| ApiError::injected(code, retry_after)),
         }
     }
