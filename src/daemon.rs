@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::act::restart::{Restarter, RestarterConfig, RetryPolicy};
+use crate::act::events::EventEmitter;
+use crate::act::restart::{FIELD_MANAGER, Restarter, RestarterConfig, RetryPolicy};
 use crate::cluster::{self, ClusterError};
 use crate::config::RunArgs;
 use crate::index::cache::{CacheChain, ChainError};
@@ -74,6 +75,13 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
     );
     let index = Arc::new(chain);
 
+    // Kubernetes Events go out in the background, through the same counted client; a dry
+    // run writes none.
+    let events = if args.dry_run {
+        EventEmitter::disabled()
+    } else {
+        EventEmitter::spawn(client.clone(), reporter(), metrics.clone())
+    };
     let restarter = Restarter::new(
         client,
         RestarterConfig {
@@ -85,6 +93,9 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
             scope,
             live,
             dedupe_window: args.dedupe_window,
+            strategy: args.strategy,
+            events,
+            metrics: metrics.clone(),
         },
     );
     let pipeline = Arc::new(Pipeline::new(
@@ -122,6 +133,15 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
     .await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Who writes the Events: `gar-restarter`, from this pod (POD_NAME, else the hostname).
+fn reporter() -> kube::runtime::events::Reporter {
+    let mut reporter = kube::runtime::events::Reporter::from(FIELD_MANAGER);
+    if let Some(pod) = std::env::var("POD_NAME").ok().filter(|p| !p.is_empty()) {
+        reporter.instance = Some(pod);
+    }
+    reporter
 }
 
 /// Starts the watch streams that keep the live view; it catches up in the background (the
