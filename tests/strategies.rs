@@ -330,6 +330,16 @@ async fn restart_flags_a_cached_pull_policy_and_writes_events() {
         "{}",
         h.metrics()
     );
+    // The Recorder's latency, off the hot path (reported for BENCHMARKS-style notes).
+    let (sum, count) = (
+        h.metric("gar_restarter_kubernetes_event_seconds_sum"),
+        h.metric("gar_restarter_kubernetes_event_seconds_count"),
+    );
+    eprintln!(
+        "Kubernetes Event writes: {count} in {:.1} ms, {:.2} ms each",
+        sum * 1e3,
+        sum * 1e3 / count.max(1.0)
+    );
     let log = h.daemon_log();
     assert!(
         log.lines().any(|l| l.contains("WARN")

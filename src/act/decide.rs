@@ -133,7 +133,7 @@ pub fn decide(
                 state.paused,
                 Some(&state.last_restart),
                 state.resource_version.clone(),
-                Some(state.as_ref()),
+                Some(&**state),
             )
         }
         // The view is incomplete: the namespaces at least are known without it.
