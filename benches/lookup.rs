@@ -148,10 +148,12 @@ fn workload(i: usize, images: usize, v: usize) -> WorkloadState {
                 init: false,
                 image: ImageRef::parse(&fixtures::image(i, j + v)).ok(),
                 pull_policy: Some("IfNotPresent".into()),
+                written: Some(fixtures::image(i, j + v)),
             })
             .collect(),
         paused: false,
         annotations_enabled: None,
+        strategy: None,
         last_restart: RestartRecord::default(),
         resource_version: Some(format!("{}", 1000 + i)),
         generation: 1,

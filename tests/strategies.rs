@@ -212,7 +212,9 @@ async fn pin_digest_pins_the_matching_containers_and_repins_on_the_next_push() {
         "{notes:?}"
     );
     assert_eq!(
-        h.metric("gar_restarter_restarts_total{kind=\"Deployment\",namespace=\"apps\",result=\"pinned\"}"),
+        h.metric(
+            "gar_restarter_restarts_total{kind=\"Deployment\",namespace=\"apps\",result=\"pinned\"}"
+        ),
         2.0,
         "{}",
         h.metrics()
@@ -323,8 +325,9 @@ async fn restart_flags_a_cached_pull_policy_and_writes_events() {
     );
     assert!(
         wait_until(Duration::from_secs(5), || {
-            h.metric("gar_restarter_kubernetes_events_total{reason=\"Restarted\",result=\"emitted\"}")
-                >= 2.0
+            h.metric(
+                "gar_restarter_kubernetes_events_total{reason=\"Restarted\",result=\"emitted\"}",
+            ) >= 2.0
         })
         .await,
         "{}",
@@ -374,7 +377,10 @@ async fn dry_run_emits_no_events() {
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(events_on(&h, "apps", "api").await, vec![]);
-    assert_eq!(restart_annotations(&h.deployment("apps", "api")), (None, None));
+    assert_eq!(
+        restart_annotations(&h.deployment("apps", "api")),
+        (None, None)
+    );
     assert!(
         !h.api
             .requests()

@@ -353,7 +353,10 @@ mod tests {
     fn a_to_b_to_a_restarts_each_time() {
         let scope = Scope::default();
         let (w, never) = live(None);
-        assert_eq!(decide(&w, &never, None, &push("A", 1), &scope, R), restart());
+        assert_eq!(
+            decide(&w, &never, None, &push("A", 1), &scope, R),
+            restart()
+        );
         let (w, at_a) = live(Some(push("A", 1)));
         assert_eq!(decide(&w, &at_a, None, &push("B", 2), &scope, R), restart());
         let (w, at_b) = live(Some(push("B", 2)));
@@ -473,7 +476,12 @@ mod tests {
             s.containers = vec![
                 container("app", false, "gcr.io/p/app:v1", "IfNotPresent"),
                 container("sidecar", false, "gcr.io/p/proxy:v1", "IfNotPresent"),
-                container("migrate", true, &format!("gcr.io/p/app:v1@sha256:{}", "2".repeat(64)), "Always"),
+                container(
+                    "migrate",
+                    true,
+                    &format!("gcr.io/p/app:v1@sha256:{}", "2".repeat(64)),
+                    "Always",
+                ),
             ];
         });
         let Decision::Restart { plan, precondition } =
@@ -516,7 +524,12 @@ mod tests {
         // Already pinned to exactly this digest: nothing to do.
         let done = with(&base, |s| {
             s.strategy = Some("pin-digest".into());
-            s.containers = vec![container("app", false, &format!("gcr.io/p/app:v1@{HEX}"), "IfNotPresent")];
+            s.containers = vec![container(
+                "app",
+                false,
+                &format!("gcr.io/p/app:v1@{HEX}"),
+                "IfNotPresent",
+            )];
         });
         assert_eq!(
             decide(&w, &done, None, &pin_push(1), &Scope::default(), R),
@@ -547,7 +560,12 @@ mod tests {
         assert_eq!(plan.stale_risks[0].policy, PullPolicy::Never);
         // Pinned by hand under `restart`: never restarted, as before.
         let pinned = with(&base, |s| {
-            s.containers = vec![container("app", false, &format!("gcr.io/p/app:v1@{HEX}"), "IfNotPresent")];
+            s.containers = vec![container(
+                "app",
+                false,
+                &format!("gcr.io/p/app:v1@{HEX}"),
+                "IfNotPresent",
+            )];
         });
         assert_eq!(
             decide(&w, &pinned, None, &push("A", 1), &Scope::default(), R),
@@ -590,7 +608,14 @@ mod tests {
             Decision::Defer(_)
         ));
         assert!(matches!(
-            decide(&w, &Current::Unknown, None, &pin_push(11), &Scope::default(), R),
+            decide(
+                &w,
+                &Current::Unknown,
+                None,
+                &pin_push(11),
+                &Scope::default(),
+                R
+            ),
             Decision::Restart { .. }
         ));
     }

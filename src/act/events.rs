@@ -35,7 +35,11 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 3] = [Reason::Restarted, Reason::PinnedDigest, Reason::StaleImageRisk];
+    pub const ALL: [Reason; 3] = [
+        Reason::Restarted,
+        Reason::PinnedDigest,
+        Reason::StaleImageRisk,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -482,10 +482,7 @@ mod tests {
         assert_eq!(annotations[DIGEST_ANNOTATION], "sha256:ab");
         assert_eq!(annotations[RESTARTED_AT_ANNOTATION], "t");
         assert_eq!(body["metadata"]["resourceVersion"], "9");
-        assert_eq!(
-            describe_pins(&pins),
-            "container app, initContainer migrate"
-        );
+        assert_eq!(describe_pins(&pins), "container app, initContainer migrate");
         // Only init containers: no `containers` key (which strategic merge would leave alone
         // anyway, but the body stays minimal).
         let body = patch_body("t", &push, None, &pins[1..]);

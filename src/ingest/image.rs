@@ -403,7 +403,10 @@ mod tests {
         let d = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
         let key = |s: &str| index_key(s).map(|r| r.as_str().to_string());
         assert_eq!(key("gcr.io/p/app:v1").as_deref(), Some("gcr.io/p/app:v1"));
-        assert_eq!(key("nginx").as_deref(), Some("docker.io/library/nginx:latest"));
+        assert_eq!(
+            key("nginx").as_deref(),
+            Some("docker.io/library/nginx:latest")
+        );
         assert_eq!(
             key(&format!("gcr.io/p/app:v1@{d}")).as_deref(),
             Some("gcr.io/p/app:v1")
