@@ -56,6 +56,17 @@ async fn with_the_rendered_rules_nothing_the_daemon_does_is_denied() {
         .api
         .get("configmaps", "gar-restarter", "gar-restarter-cache");
     assert!(cache.is_some(), "the index was written back");
+    // The Kubernetes Events on the three workloads (written in the background) get through.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            h.metric(
+                "gar_restarter_kubernetes_events_total{reason=\"Restarted\",result=\"emitted\"}",
+            ) >= 3.0
+        })
+        .await,
+        "{}",
+        h.metrics()
+    );
     assert_eq!(denied(&h), Vec::<String>::new());
     let kinds: Vec<String> = h
         .api
@@ -75,6 +86,10 @@ async fn with_the_rendered_rules_nothing_the_daemon_does_is_denied() {
             .any(|k| k.starts_with("POST /api/v1/namespaces/gar-restarter/configmaps")),
         "{kinds:?}"
     );
+    for ns in ["prod", "data", "infra"] {
+        let post = format!("POST /apis/events.k8s.io/v1/namespaces/{ns}/events");
+        assert!(kinds.iter().any(|k| k.starts_with(&post)), "{kinds:?}");
+    }
 }
 
 /// Where the 403 must come from when `rule` is missing, the resource the daemon must name,
