@@ -268,6 +268,7 @@ fn check_restart_tree(spans: &[SpanData]) -> &SpanData {
         assert_eq!(expect_attr(span, "k8s.workload.kind"), "Deployment");
         assert_eq!(expect_attr(span, "k8s.workload.name"), "api");
         assert_eq!(expect_attr(span, "result"), "restarted");
+        assert_eq!(expect_attr(span, "gar.strategy"), "restart");
         // kube's per-request span, nested under the restart that sent it.
         let http: Vec<&SpanData> = spans
             .iter()
