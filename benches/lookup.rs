@@ -148,7 +148,8 @@ fn workload(i: usize, images: usize, v: usize) -> WorkloadState {
                 init: false,
                 image: ImageRef::parse(&fixtures::image(i, j + v)).ok(),
                 pull_policy: Some("IfNotPresent".into()),
-                written: Some(fixtures::image(i, j + v)),
+                // Fully spelled, like every GAR image: not stored twice.
+                written: None,
             })
             .collect(),
         paused: false,

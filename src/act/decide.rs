@@ -199,11 +199,7 @@ fn plan(state: &WorkloadState, push: &Push, strategy: Strategy) -> Result<Plan, 
                 .map(|c| Pin {
                     container: c.container.clone(),
                     init: c.init,
-                    image: pinned_image(
-                        c.written.as_deref().unwrap_or(push.image.as_str()),
-                        tag,
-                        digest,
-                    ),
+                    image: pinned_image(c.spelled().unwrap_or(push.image.as_str()), tag, digest),
                 })
                 .collect();
             // Already pinned to this digest (by hand, or before the annotations): a PATCH
@@ -211,7 +207,7 @@ fn plan(state: &WorkloadState, push: &Push, strategy: Strategy) -> Result<Plan, 
             let unchanged = matching
                 .iter()
                 .zip(&pins)
-                .all(|(c, p)| c.written.as_deref() == Some(p.image.as_str()));
+                .all(|(c, p)| c.spelled() == Some(p.image.as_str()));
             if unchanged {
                 return Err(Skip::Duplicate);
             }
@@ -230,7 +226,7 @@ fn plan(state: &WorkloadState, push: &Push, strategy: Strategy) -> Result<Plan, 
             let stale_risks = unpinned
                 .iter()
                 .filter_map(|c| {
-                    let written = c.written.as_deref().unwrap_or(push.image.as_str());
+                    let written = c.spelled().unwrap_or(push.image.as_str());
                     let policy = effective_pull_policy(written, c.pull_policy.as_deref());
                     policy.may_reuse_cached().then(|| StaleRisk {
                         container: c.container.clone(),

@@ -145,8 +145,10 @@ pub struct ContainerImage {
     /// keeps its tag; `None` for `repo@sha256:…` (pinned by hand) or unparseable images.
     pub image: Option<ImageRef>,
     pub pull_policy: Option<String>,
-    /// The image exactly as the pod template writes it: pin-digest keeps its spelling, and
-    /// the pull-policy defaults read its tag.
+    /// The image exactly as the pod template writes it, when that differs from `image`'s
+    /// normalised form (`None`: the same, as for every fully spelled GAR image, so the live
+    /// view holds no second copy): pin-digest keeps its spelling, and the pull-policy
+    /// defaults read its tag.
     pub written: Option<String>,
 }
 
@@ -154,6 +156,13 @@ impl ContainerImage {
     /// Whether the pod template pins a digest (`…@sha256:…`): a restart cannot change it.
     pub fn digest_pinned(&self) -> bool {
         self.written.as_deref().is_some_and(|w| w.contains('@'))
+    }
+
+    /// The image as the pod template writes it (see [`ContainerImage::written`]).
+    pub fn spelled(&self) -> Option<&str> {
+        self.written
+            .as_deref()
+            .or_else(|| self.image.as_ref().map(ImageRef::as_str))
     }
 }
 
@@ -223,12 +232,19 @@ impl WorkloadState {
                 let init = s.init_containers.iter().flatten().map(|c| (c, true));
                 s.containers.iter().map(|c| (c, false)).chain(init)
             })
-            .map(|(c, init)| ContainerImage {
-                container: c.name.clone(),
-                init,
-                image: c.image.as_deref().and_then(index_key),
-                pull_policy: c.image_pull_policy.clone(),
-                written: c.image.clone(),
+            .map(|(c, init)| {
+                let image = c.image.as_deref().and_then(index_key);
+                let written = c
+                    .image
+                    .clone()
+                    .filter(|w| image.as_ref().is_none_or(|i| i.as_str() != w));
+                ContainerImage {
+                    container: c.name.clone(),
+                    init,
+                    image,
+                    pull_policy: c.image_pull_policy.clone(),
+                    written,
+                }
             })
             .collect();
         Some(Self {
@@ -450,6 +466,10 @@ mod tests {
         assert_eq!(images, ["gcr.io/p/app:v1"]);
         assert_eq!(state.strategy.as_deref(), Some("pin-digest"));
         assert!(state.containers[0].digest_pinned());
+        assert_eq!(
+            state.containers[0].spelled(),
+            Some(format!("gcr.io/p/app:v1@{d}").as_str())
+        );
         assert_eq!(state.containers[1].image, None, "no tag: pinned by hand");
     }
 }
