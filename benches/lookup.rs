@@ -148,10 +148,13 @@ fn workload(i: usize, images: usize, v: usize) -> WorkloadState {
                 init: false,
                 image: ImageRef::parse(&fixtures::image(i, j + v)).ok(),
                 pull_policy: Some("IfNotPresent".into()),
+                // Fully spelled, like every GAR image: not stored twice.
+                written: None,
             })
             .collect(),
         paused: false,
         annotations_enabled: None,
+        strategy: None,
         last_restart: RestartRecord::default(),
         resource_version: Some(format!("{}", 1000 + i)),
         generation: 1,

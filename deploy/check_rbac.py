@@ -15,6 +15,9 @@ RBAC - the only grants bound to the gar-restarter ServiceAccount are
     get, list, watch, patch - either cluster-wide (ClusterRole +
     ClusterRoleBinding) or per namespace (Role + RoleBinding), and then the
     set of namespaces must equal the daemon's --namespace args;
+  * events.k8s.io events: verbs exactly create, patch (the Kubernetes Events
+    on restarted workloads, written in the workloads' namespaces), granted in
+    exactly the scopes of the workload grant (the same ClusterRole or Roles);
   * configmaps in the daemon's namespace: get, update only with
     resourceNames exactly gar-restarter-cache and its shards
     gar-restarter-cache-0 ... -7 (codec::MAX_SHARDS = 8), and create (never
@@ -97,6 +100,8 @@ WORKLOAD_RESOURCES = frozenset({"deployments", "statefulsets", "daemonsets"})
 WORKLOAD_VERBS = frozenset({"get", "list", "watch", "patch"})
 CACHE_NAMED_VERBS = frozenset({"get", "update"})
 CACHE_CREATE_VERBS = frozenset({"create"})
+EVENTS_GROUP = "events.k8s.io"
+EVENTS_VERBS = frozenset({"create", "patch"})
 RUN_AS_USER = 65532
 METRICS_PORT = 9090
 DEFAULT_SHUTDOWN_TIMEOUT_S = 20.0
@@ -271,6 +276,7 @@ class Checker:
         workload_scopes: dict[str, set[str]] = {}
         cache_named: set[str] = set()
         cache_create: set[str] = set()
+        self.event_scopes: set[str] = set()
 
         for b in self.of_kind("RoleBinding", "ClusterRoleBinding"):
             subjects = b.get("subjects") or []
@@ -327,6 +333,11 @@ class Checker:
                     f"--namespace {namespaces or '(all namespaces)'}; they must match"
                 )
 
+        if workload_scopes and self.event_scopes != set(workload_scopes):
+            self.fail(
+                f"events.k8s.io events create/patch granted in {sorted(self.event_scopes)} but the "
+                f"workloads in {sorted(workload_scopes)}: Events are written where the workloads are"
+            )
         if self.ns not in cache_named:
             self.fail(
                 f"missing get/update on configmaps {CACHE_CONFIGMAP} and {CACHE_CONFIGMAP}-0..{CACHE_MAX_SHARDS - 1} "
@@ -392,6 +403,17 @@ class Checker:
                     f"{CACHE_CONFIGMAP}-0..{CACHE_MAX_SHARDS - 1}, or create without resourceNames, "
                     f"got verbs {verbs} resourceNames {names}"
                 )
+        elif groups == [EVENTS_GROUP]:
+            if rset != {"events"}:
+                self.fail(f"{where}: {EVENTS_GROUP} resources other than events are not allowed: {resources}")
+                return
+            if vset != EVENTS_VERBS:
+                self.fail(f"{where}: event verbs must be exactly {sorted(EVENTS_VERBS)}, got {verbs}")
+                return
+            if names:
+                self.fail(f"{where}: event rules must not use resourceNames (Event names are generated)")
+                return
+            self.event_scopes.add(scope)
         else:
             self.fail(f"{where}: apiGroups {groups} are not allowed")
 
@@ -734,6 +756,15 @@ def _workload_rule(docs):
     raise LookupError("self-test: no workload rule")
 
 
+def _events_rule(docs):
+    for d in docs:
+        if d.get("kind") in ("Role", "ClusterRole"):
+            for r in d.get("rules") or []:
+                if r.get("apiGroups") == [EVENTS_GROUP]:
+                    return r
+    raise LookupError("self-test: no events rule")
+
+
 def _cm_rule(docs, named: bool):
     for d in docs:
         if d.get("kind") == "Role":
@@ -819,6 +850,11 @@ MUTANTS: list[tuple[str, Callable[[list[Doc]], None]]] = [
      lambda d: _find(d, "Role")["rules"].append({"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create"]})),
     ("extra rule secrets get",
      lambda d: _find(d, "Role")["rules"].append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]})),
+    ("events verb list added", lambda d: _events_rule(d)["verbs"].append("list")),
+    ("events verb patch missing", lambda d: _events_rule(d)["verbs"].remove("patch")),
+    ("events rule missing", lambda d: _drop_rule(d, _events_rule(d))),
+    ("core-group events instead of events.k8s.io", lambda d: _set(_events_rule(d), "apiGroups", [""])),
+    ("events rule with secrets", lambda d: _events_rule(d)["resources"].append("secrets")),
     ("configmap get/update without resourceNames", lambda d: _cm_rule(d, True).pop("resourceNames")),
     ("configmap get/update on another name", lambda d: _set(_cm_rule(d, True), "resourceNames", ["kube-root-ca.crt"])),
     ("configmap get/update on main only, no shards", lambda d: _set(_cm_rule(d, True), "resourceNames", [CACHE_CONFIGMAP])),

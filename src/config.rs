@@ -15,6 +15,7 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
+use crate::act::strategy::Strategy;
 use crate::index::cache::ChainConfig;
 use crate::index::table::Scope;
 
@@ -187,6 +188,14 @@ pub struct RunArgs {
     #[arg(long, env = "GAR_RESTARTER_DRY_RUN")]
     pub dry_run: bool,
 
+    /// How workloads without a `gar-restarter/strategy` annotation are restarted: `restart`
+    /// (kubectl's restart; a container with imagePullPolicy IfNotPresent or Never is flagged as
+    /// a stale-image risk) or `pin-digest` (set the matching containers' images to
+    /// REPO:TAG@sha256:…, so the pods run exactly the pushed digest). pin-digest needs --watch.
+    #[arg(long, env = "GAR_RESTARTER_STRATEGY", value_name = "STRATEGY", value_enum,
+          default_value_t = Strategy::Restart)]
+    pub strategy: Strategy,
+
     /// Address serving /metrics, /healthz and /readyz.
     #[arg(
         long,
@@ -329,6 +338,13 @@ impl RunArgs {
 
     /// Checks between flags that clap cannot express; the message names both fields.
     fn validate(&self) -> Result<(), String> {
+        if self.strategy == Strategy::PinDigest && !self.watch {
+            return Err(
+                "--strategy=pin-digest needs --watch=true: the containers to pin and the \
+                 workloads' gar-restarter/strategy annotations are read from the live view"
+                    .to_string(),
+            );
+        }
         if let Some(n) = self.max_outstanding_messages
             && n < self.max_in_flight
         {
@@ -921,6 +937,29 @@ mod tests {
         assert_eq!(r.scope.namespaces, vec!["a", "b"]);
         assert!(r.dry_run);
         assert_eq!(r.max_attempts, 3);
+    }
+
+    #[test]
+    fn strategy_flag_env_and_file() {
+        let base = ["run", "--subscription", SUB, "--dead-letter-topic", TOPIC];
+        assert_eq!(run(&base).unwrap().strategy, Strategy::Restart);
+        let mut argv = base.to_vec();
+        argv.extend(["--strategy", "pin-digest"]);
+        assert_eq!(run(&argv).unwrap().strategy, Strategy::PinDigest);
+        let f = file(&format!(
+            "subscription = \"{SUB}\"\ndead-letter-topic = \"{TOPIC}\"\nstrategy = \"pin-digest\"\n"
+        ));
+        let r = run(&["run", "--config", f.path().to_str().unwrap()]).unwrap();
+        assert_eq!(r.strategy, Strategy::PinDigest);
+        let mut argv = base.to_vec();
+        argv.extend(["--strategy", "pin_digest"]);
+        let e = run(&argv).unwrap_err().to_string();
+        assert!(e.contains("--strategy"), "{e}");
+        let mut argv = base.to_vec();
+        argv.extend(["--strategy", "pin-digest", "--watch=false"]);
+        let e = run(&argv).unwrap_err();
+        assert!(matches!(e, ConfigError::Invalid(_)), "{e:?}");
+        assert!(e.to_string().contains("--watch"), "{e}");
     }
 
     #[test]

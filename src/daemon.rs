@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::act::events::{EventEmitter, Reason, WorkloadEvent};
 use crate::act::notify::{self, Notifier};
-use crate::act::restart::{Restarter, RestarterConfig, RetryPolicy};
-use crate::act::rollout::{Finished, RolloutConfig, Rollouts};
+use crate::act::restart::{FIELD_MANAGER, Restarter, RestarterConfig, RetryPolicy};
+use crate::act::rollout::{Finished, RolloutConfig, RolloutResult, Rollouts};
 use crate::cluster::{self, ClusterError};
 use crate::config::RunArgs;
 use crate::index::cache::{CacheChain, ChainError};
@@ -22,6 +23,7 @@ use crate::ops::metrics::Metrics;
 use crate::ops::server::{self, BindError};
 use crate::pipeline::{Context, Pipeline, PipelineConfig};
 use crate::settle::Settler;
+use k8s_openapi::api::core::v1::ObjectReference;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -81,6 +83,13 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
         )),
         None => None,
     };
+    // Kubernetes Events go out in the background, through the same counted client; a dry
+    // run writes none.
+    let events = if args.dry_run {
+        EventEmitter::disabled()
+    } else {
+        EventEmitter::spawn(client.clone(), reporter(), metrics.clone())
+    };
     let rollouts = live.as_ref().map(|live| {
         let rollouts = Arc::new(Rollouts::new(
             RolloutConfig {
@@ -92,6 +101,8 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
         if let Some(n) = notify.clone() {
             rollouts.on_finish(move |f| n.send(rollout_record(f)));
         }
+        let emitter = events.clone();
+        rollouts.on_finish(move |f| emitter.emit(rollout_event(f)));
         tokio::spawn(rollouts.clone().run(shutdown.clone()));
         rollouts
     });
@@ -113,6 +124,9 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Daemo
             live,
             dedupe_window: args.dedupe_window,
             max_restarts_per_second: std::num::NonZeroU32::new(args.max_restarts_per_second),
+            strategy: args.strategy,
+            events,
+            metrics: metrics.clone(),
         },
     );
     let pipeline = Arc::new(Pipeline::new(
@@ -165,13 +179,49 @@ fn rollout_record(f: &Finished) -> notify::Record {
         workload: (&f.workload).into(),
         image: f.image.clone(),
         digest: f.digest.clone(),
-        strategy: "restart",
+        strategy: f.strategy,
         result: f.result.as_str(),
         message_id: f.message_id.clone(),
         published_at: f.published_at.map(crate::util::clock::format_rfc3339_nanos),
         at: crate::util::clock::now_rfc3339(),
         detail: Some(f.detail.clone()),
     }
+}
+
+/// The Kubernetes Event of a rollout that ended: `RolloutSucceeded`, or `RolloutFailed`
+/// (failed or timed out).
+fn rollout_event(f: &Finished) -> WorkloadEvent {
+    let reason = match f.result {
+        RolloutResult::Succeeded => Reason::RolloutSucceeded,
+        RolloutResult::Failed | RolloutResult::TimedOut => Reason::RolloutFailed,
+    };
+    let digest = f.digest.as_deref().unwrap_or("no digest");
+    WorkloadEvent {
+        reason,
+        regarding: ObjectReference {
+            api_version: Some("apps/v1".into()),
+            kind: Some(f.workload.kind.as_str().into()),
+            namespace: Some(f.workload.namespace.to_string()),
+            name: Some(f.workload.name.to_string()),
+            ..ObjectReference::default()
+        },
+        note: format!(
+            "Rollout for {} ({digest}, Pub/Sub message {}) {}: {}",
+            f.image,
+            f.message_id,
+            f.result.as_str().replace('_', " "),
+            f.detail
+        ),
+    }
+}
+
+/// Who writes the Events: `gar-restarter`, from this pod (POD_NAME, else the hostname).
+fn reporter() -> kube::runtime::events::Reporter {
+    let mut reporter = kube::runtime::events::Reporter::from(FIELD_MANAGER);
+    if let Some(pod) = std::env::var("POD_NAME").ok().filter(|p| !p.is_empty()) {
+        reporter.instance = Some(pod);
+    }
+    reporter
 }
 
 /// Starts the watch streams that keep the live view; it catches up in the background (the

@@ -234,6 +234,7 @@ impl<L: Lookup, D: DeadLetterSink> Pipeline<L, D> {
                 .publish_time
                 .map(time::OffsetDateTime::from)
                 .unwrap_or_else(time::OffsetDateTime::now_utc),
+            message_id: msg.id.to_string(),
         })
     }
 
@@ -264,6 +265,8 @@ impl<L: Lookup, D: DeadLetterSink> Pipeline<L, D> {
             "k8s.workload.kind" = w.kind.as_str(),
             "k8s.workload.name" = %w.name,
             result = field::Empty,
+            "gar.strategy" = field::Empty,
+            "gar.stale_image_risk" = field::Empty,
         );
         async move {
             // Held until this restart is done, so that a copy of the event processed
@@ -294,16 +297,20 @@ impl<L: Lookup, D: DeadLetterSink> Pipeline<L, D> {
                 })
                 .inc();
             match &result {
-                Ok(RestartOutcome::Restarted) => {
+                Ok(outcome @ (RestartOutcome::Restarted | RestartOutcome::Pinned)) => {
                     if let Some(lag) = msg.publish_time.and_then(|t| t.elapsed().ok()) {
                         self.metrics.push_to_restart_seconds.observe(lag.as_secs_f64());
                     }
                     self.metrics
                         .receive_to_restart_seconds
                         .observe(received.elapsed().as_secs_f64());
-                    tracing::info!(workload = %w, image = %push.image, digest = push.digest.as_deref(), "restarted");
+                    tracing::info!(workload = %w, image = %push.image, digest = push.digest.as_deref(), message_id = %push.message_id, result = outcome.as_str(), "restarted");
+                    let strategy = match outcome {
+                        RestartOutcome::Pinned => "pin-digest",
+                        _ => "restart",
+                    };
                     if let Some(rollouts) = &self.ctx.rollouts {
-                        rollouts.track(w, push, &msg.id);
+                        rollouts.track(w, push, &msg.id, strategy);
                     }
                     if let Some(n) = &self.ctx.notify {
                         n.send(notify::Record {
@@ -311,8 +318,8 @@ impl<L: Lookup, D: DeadLetterSink> Pipeline<L, D> {
                             workload: w.into(),
                             image: push.image.as_str().to_owned(),
                             digest: push.digest.clone(),
-                            strategy: "restart",
-                            result: "restarted",
+                            strategy,
+                            result: outcome.as_str(),
                             message_id: msg.id.clone(),
                             published_at: Some(format_rfc3339_nanos(push.published_at)),
                             at: now_rfc3339(),
@@ -347,7 +354,7 @@ impl<L: Lookup, D: DeadLetterSink> Pipeline<L, D> {
         let mut stale = false;
         for (_, r) in results {
             match r {
-                Ok(RestartOutcome::Restarted) => restarted += 1,
+                Ok(RestartOutcome::Restarted | RestartOutcome::Pinned) => restarted += 1,
                 Ok(RestartOutcome::DryRun) => dry_run = true,
                 Ok(RestartOutcome::Skipped(Skip::Stale)) => stale = true,
                 Ok(_) => {}

@@ -56,6 +56,17 @@ async fn with_the_rendered_rules_nothing_the_daemon_does_is_denied() {
         .api
         .get("configmaps", "gar-restarter", "gar-restarter-cache");
     assert!(cache.is_some(), "the index was written back");
+    // The Kubernetes Events on the three workloads (written in the background) get through.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            h.metric(
+                "gar_restarter_kubernetes_events_total{reason=\"Restarted\",result=\"emitted\"}",
+            ) >= 3.0
+        })
+        .await,
+        "{}",
+        h.metrics()
+    );
     assert_eq!(denied(&h), Vec::<String>::new());
     let kinds: Vec<String> = h
         .api
@@ -75,13 +86,25 @@ async fn with_the_rendered_rules_nothing_the_daemon_does_is_denied() {
             .any(|k| k.starts_with("POST /api/v1/namespaces/gar-restarter/configmaps")),
         "{kinds:?}"
     );
+    for ns in ["prod", "data", "infra"] {
+        let post = format!("POST /apis/events.k8s.io/v1/namespaces/{ns}/events");
+        assert!(kinds.iter().any(|k| k.starts_with(&post)), "{kinds:?}");
+    }
 }
 
 /// Where the 403 must come from when `rule` is missing, the resource the daemon must name,
 /// and whether the restart still happens.
 fn expectation(grant: &Grant, rule: &RuleRef) -> (&'static str, &'static str, bool) {
     let text = grant.rule(rule).map(|r| r.to_string()).unwrap_or_default();
-    if text.contains("deployments") {
+    if text.contains("events.k8s.io") {
+        // Without create on events the restart still happens (an Event never holds up or
+        // fails a message); the refused Event is counted and logged, naming the resource.
+        (
+            "POST /apis/events.k8s.io/v1/namespaces/prod/events",
+            "events",
+            true,
+        )
+    } else if text.contains("deployments") {
         // Without list/get/patch on workloads nothing can be indexed or restarted.
         ("GET /apis/apps/v1/deployments", "deployments", false)
     } else if text.contains("resourceNames") {
@@ -115,7 +138,7 @@ async fn each_rule_taken_away_is_a_clear_403() {
         let rules = grant.rules();
         assert_eq!(
             rules.len(),
-            3,
+            4,
             "deploy/base's rules changed: {:?}",
             grant.objects
         );

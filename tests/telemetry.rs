@@ -12,9 +12,10 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use gar_restarter::act::restart::{Restarter, RestarterConfig, RetryPolicy};
 use gar_restarter::cluster::api_metrics::ApiMetricsLayer;
+use gar_restarter::index::live::{Change, LiveView, StreamId};
 use gar_restarter::index::lookup::SharedIndex;
 use gar_restarter::index::table::{Index, Scope};
-use gar_restarter::index::workload::{WorkloadKind, WorkloadRef};
+use gar_restarter::index::workload::{Workload as _, WorkloadKind, WorkloadRef};
 use gar_restarter::ingest::image::ImageRef;
 use gar_restarter::ingest::inbound::Inbound;
 use gar_restarter::ops::metrics::Metrics;
@@ -25,6 +26,7 @@ use gar_restarter::settle::{AckHandle, Settled, Settler};
 use gar_testsupport::kube_api::KubeApi;
 use gar_testsupport::objects::deployment;
 use gar_testsupport::traffic::Recording;
+use k8s_openapi::api::apps::v1::Deployment;
 use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use tokio_util::sync::CancellationToken;
@@ -71,11 +73,38 @@ struct Fixture {
     pipeline: Pipeline<SharedIndex, MemorySink>,
     metrics: Arc<Metrics>,
     sink: Arc<MemorySink>,
+    /// Fed by [`relist`] rather than a watch, when the fixture has one.
+    view: Option<Arc<LiveView>>,
+}
+
+fn deployments() -> StreamId {
+    StreamId {
+        kind: WorkloadKind::Deployment,
+        namespace: None,
+    }
+}
+
+/// Lists the fixture's Deployments into `view`, as a watch's relist would.
+fn relist(api: &KubeApi, view: &LiveView) {
+    let stream = deployments();
+    view.apply(&stream, Change::ListStarted);
+    for (ns, name) in [("prod", "api"), ("staging", "api"), ("prod", "old")] {
+        let obj = api.get("deployments", ns, name).expect("seeded");
+        let d: Deployment = serde_json::from_value(obj).expect("a Deployment");
+        view.apply(&stream, Change::Listed(d.state().expect("state")));
+    }
+    view.apply(&stream, Change::ListDone);
 }
 
 impl Fixture {
     /// A real API server with two Deployments running `app:v1` (indexed) and one running `app:v0`.
     async fn new() -> Fixture {
+        Self::with_view(false).await
+    }
+
+    /// [`Fixture::new`], with decisions taken on a live view listed from the API server when
+    /// `live` (the containers and their pull policies are then known).
+    async fn with_view(live: bool) -> Fixture {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         keep_a_second_dispatch_alive();
         // Set up before the recording subscriber: its own kube calls must not be recorded.
@@ -115,6 +144,15 @@ impl Fixture {
         );
 
         let metrics = Arc::new(Metrics::new());
+        let view = live.then(|| {
+            let view = Arc::new(LiveView::new(
+                vec![deployments()],
+                false,
+                Duration::from_secs(1),
+            ));
+            relist(&api, &view);
+            view
+        });
         let client = kube::client::ClientBuilder::try_from(api.daemon_config())
             .expect("client")
             .with_layer(&ApiMetricsLayer::new(metrics.clone()))
@@ -128,6 +166,8 @@ impl Fixture {
                     max_times: 1,
                     budget: Duration::from_millis(50),
                 },
+                live: view.clone(),
+                metrics: metrics.clone(),
                 ..RestarterConfig::default()
             },
         );
@@ -155,6 +195,7 @@ impl Fixture {
             pipeline,
             metrics,
             sink,
+            view,
         }
     }
 
@@ -270,6 +311,7 @@ fn check_restart_tree(spans: &[SpanData]) -> &SpanData {
         assert_eq!(expect_attr(span, "k8s.workload.kind"), "Deployment");
         assert_eq!(expect_attr(span, "k8s.workload.name"), "api");
         assert_eq!(expect_attr(span, "result"), "restarted");
+        assert_eq!(expect_attr(span, "gar.strategy"), "restart");
         // kube's per-request span, nested under the restart that sent it.
         let http: Vec<&SpanData> = spans
             .iter()
@@ -323,6 +365,48 @@ async fn delivery_continues_the_publishers_trace_with_one_span_per_stage() {
         text.contains(
             r#"gar_restarter_api_requests_total{verb="patch",resource="deployments",code="200"} 2"#
         ),
+        "{text}"
+    );
+}
+
+/// Decided on the live view, a restart of a container whose pull policy is IfNotPresent (the
+/// API server's default for `app:v1`) carries the risk on its span and counts it.
+#[tokio::test]
+async fn a_stale_image_risk_is_a_span_attribute_and_counted() {
+    let f = Fixture::with_view(true).await;
+    // No watch feeds this view: a Deployment whose status moved since the list meets 409, as
+    // it would before the watch caught up; list again and redeliver, like Pub/Sub would.
+    let mut settled = None;
+    for _ in 0..20 {
+        if let Some(view) = &f.view {
+            relist(&f.api, view);
+        }
+        settled = f
+            .deliver(message("m-1", &insert_v1(), HashMap::new()))
+            .await
+            .0;
+        if settled == Some(Settled::Acked) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(settled, Some(Settled::Acked));
+    let spans = f.spans();
+    let restarts: Vec<&SpanData> = spans
+        .iter()
+        .filter(|s| s.name == "restart" && attr(s, "result").as_deref() == Some("restarted"))
+        .collect();
+    assert_eq!(restarts.len(), 2, "{spans:#?}");
+    for span in restarts {
+        assert_eq!(expect_attr(span, "gar.strategy"), "restart");
+        assert_eq!(
+            expect_attr(span, "gar.stale_image_risk"),
+            "c0 (IfNotPresent)"
+        );
+    }
+    let text = f.metrics.encode();
+    assert!(
+        text.contains(r#"gar_restarter_stale_image_risk_total{kind="Deployment"} 2"#),
         "{text}"
     );
 }

@@ -6,21 +6,24 @@ use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::{Client, Resource};
 use serde_json::{Value, json};
 
 use std::sync::Arc;
 
-use crate::act::decide::{Decision, Push, Skip, decide};
+use crate::act::decide::{Decision, Pin, Plan, Push, Skip, decide};
 use crate::act::dedupe::BoundedTtlMap;
+use crate::act::events::{EventEmitter, Reason, WorkloadEvent};
+use crate::act::strategy::Strategy;
 use crate::cluster::{ErrorClass, classify, status_code};
 use crate::index::live::{Current, Key, LiveView, key_of};
 use crate::index::table::Scope;
 use crate::index::workload::{
-    DIGEST_ANNOTATION, IMAGE_ANNOTATION, PUBLISHED_AT_ANNOTATION, RestartRecord, WorkloadKind,
-    WorkloadRef,
+    DIGEST_ANNOTATION, IMAGE_ANNOTATION, PUBLISHED_AT_ANNOTATION, RestartRecord,
+    STRATEGY_ANNOTATION, WorkloadKind, WorkloadRef,
 };
+use crate::ops::metrics::{KindLabels, Metrics};
 
 pub const RESTARTED_AT_ANNOTATION: &str = "kubectl.kubernetes.io/restartedAt";
 pub const FIELD_MANAGER: &str = "gar-restarter";
@@ -32,6 +35,8 @@ const RECENT_CAPACITY: usize = 100_000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestartOutcome {
     Restarted,
+    /// pin-digest: the matching containers now name the pushed digest (and it restarted).
+    Pinned,
     DryRun,
     /// Not restarted, and why (paused, opted out, out of scope, duplicate, stale).
     Skipped(Skip),
@@ -41,6 +46,7 @@ impl RestartOutcome {
     pub fn as_str(self) -> &'static str {
         match self {
             RestartOutcome::Restarted => "restarted",
+            RestartOutcome::Pinned => "pinned",
             RestartOutcome::DryRun => "dry_run",
             RestartOutcome::Skipped(skip) => skip.as_str(),
         }
@@ -70,6 +76,15 @@ impl RestartError {
             status: status_code(e),
             class: classify(e),
             message,
+        }
+    }
+
+    fn deferred(workload: &WorkloadRef, why: &str) -> Self {
+        Self {
+            workload: workload.clone(),
+            status: None,
+            class: ErrorClass::Transient { retry_after: None },
+            message: format!("not decided yet: {why}"),
         }
     }
 
@@ -113,10 +128,17 @@ pub struct RestarterConfig {
     pub dedupe_window: Duration,
     /// `--max-restarts-per-second`, shared by every message in flight; `None`: unlimited.
     pub max_restarts_per_second: Option<NonZeroU32>,
+    /// `--strategy`: for workloads without a `gar-restarter/strategy` annotation.
+    pub strategy: Strategy,
+    /// Where the Kubernetes Events go (disabled under `--dry-run`).
+    pub events: EventEmitter,
+    /// `stale_image_risk_total` is counted here.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for RestarterConfig {
-    /// No dry run, the default retry policy, every namespace, no live view, 10 minutes.
+    /// No dry run, the default retry policy, every namespace, no live view, 10 minutes,
+    /// `restart`, no Events, metrics of its own.
     fn default() -> Self {
         Self {
             dry_run: false,
@@ -125,6 +147,9 @@ impl Default for RestarterConfig {
             live: None,
             dedupe_window: Duration::from_secs(600),
             max_restarts_per_second: None,
+            strategy: Strategy::Restart,
+            events: EventEmitter::disabled(),
+            metrics: Arc::new(Metrics::new()),
         }
     }
 }
@@ -159,7 +184,8 @@ impl Restarter {
         let Some(limiter) = &self.limiter else {
             return;
         };
-        if self.config.dry_run || !matches!(self.decision(workload, push), Decision::Restart { .. })
+        if self.config.dry_run
+            || !matches!(self.decision(workload, push).1, Decision::Restart { .. })
         {
             return;
         }
@@ -172,13 +198,21 @@ impl Restarter {
     }
 
     /// The decision for `workload` now: on the live view when there is one.
-    fn decision(&self, workload: &WorkloadRef, push: &Push) -> Decision {
+    fn decision(&self, workload: &WorkloadRef, push: &Push) -> (Current, Decision) {
         let current = match &self.config.live {
             Some(live) => live.current(workload),
             None => Current::Unknown,
         };
         let ours = self.recent.get(&key_of(workload));
-        decide(workload, &current, ours.as_ref(), push, &self.config.scope)
+        let decision = decide(
+            workload,
+            &current,
+            ours.as_ref(),
+            push,
+            &self.config.scope,
+            self.config.strategy,
+        );
+        (current, decision)
     }
 
     /// Restarts one workload, retrying transient errors with exponential backoff and jitter,
@@ -224,20 +258,43 @@ impl Restarter {
         on_send: &(impl Fn() + Sync),
     ) -> Result<RestartOutcome, RestartError> {
         let key = key_of(workload);
-        let precondition = match self.decision(workload, push) {
+        let (current, decision) = self.decision(workload, push);
+        let (precondition, plan) = match decision {
+            Decision::Skip(Skip::UnknownStrategy) => {
+                let value = match &current {
+                    Current::Live(s) => s.strategy.clone().unwrap_or_default(),
+                    _ => String::new(),
+                };
+                tracing::warn!(
+                    %workload,
+                    image = %push.image,
+                    message_id = %push.message_id,
+                    value = %crate::util::excerpt::quote(&value),
+                    "not restarting {workload}: its {STRATEGY_ANNOTATION} annotation {} is \
+                     neither \"restart\" nor \"pin-digest\"; fix the annotation (or remove it for \
+                     --strategy={})",
+                    crate::util::excerpt::quote(&value),
+                    self.config.strategy
+                );
+                return Ok(RestartOutcome::Skipped(Skip::UnknownStrategy));
+            }
             Decision::Skip(skip) => {
                 tracing::info!(%workload, image = %push.image, digest = push.digest.as_deref(), reason = skip.as_str(), "not restarting");
                 return Ok(RestartOutcome::Skipped(skip));
             }
-            Decision::Restart { precondition } => precondition,
+            Decision::Defer(why) => return Err(RestartError::deferred(workload, why)),
+            Decision::Restart { precondition, plan } => (precondition, plan),
         };
+        let span = tracing::Span::current();
+        span.record("gar.strategy", plan.strategy.as_str());
         let body = patch_body(
             &crate::util::clock::now_rfc3339(),
             push,
             precondition.as_deref(),
+            &plan.pins,
         );
         if self.config.dry_run {
-            tracing::info!(%workload, patch = %body, "dry run: would restart");
+            tracing::info!(%workload, strategy = plan.strategy.as_str(), patch = %body, "dry run: would restart");
             return Ok(RestartOutcome::DryRun);
         }
         let params = PatchParams {
@@ -245,24 +302,104 @@ impl Restarter {
             ..Default::default()
         };
         let body = Patch::Strategic(&body);
-        let api = self.api(workload);
+        let resource = resource_of(workload.kind);
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &workload.namespace, &resource);
         let patch = api.patch(&workload.name, &params, &body);
         on_send();
-        patch
+        let patched = patch
             .await
             .map_err(|e| RestartError::from_kube(workload, "PATCH", &e))?;
         self.recent.insert(key, push.record());
-        Ok(RestartOutcome::Restarted)
+        self.report(workload, push, &plan, patched.object_ref(&resource));
+        Ok(match plan.strategy {
+            Strategy::Restart => RestartOutcome::Restarted,
+            Strategy::PinDigest => RestartOutcome::Pinned,
+        })
     }
 
-    fn api(&self, workload: &WorkloadRef) -> Api<DynamicObject> {
-        let resource = match workload.kind {
-            WorkloadKind::Deployment => ApiResource::erase::<Deployment>(&()),
-            WorkloadKind::StatefulSet => ApiResource::erase::<StatefulSet>(&()),
-            WorkloadKind::DaemonSet => ApiResource::erase::<DaemonSet>(&()),
+    /// After an accepted PATCH: the stale-image warning (metric, span, log) and the Events.
+    fn report(
+        &self,
+        workload: &WorkloadRef,
+        push: &Push,
+        plan: &Plan,
+        regarding: k8s_openapi::api::core::v1::ObjectReference,
+    ) {
+        let digest = push.digest.as_deref().unwrap_or("unknown");
+        let what = format!(
+            "{} (digest {digest}, Pub/Sub message {})",
+            push.image, push.message_id
+        );
+        if !plan.stale_risks.is_empty() {
+            let containers = plan
+                .stale_risks
+                .iter()
+                .map(|r| format!("{} ({})", r.container, r.policy.as_str()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            self.config
+                .metrics
+                .stale_image_risk
+                .get_or_create(&KindLabels {
+                    kind: workload.kind.as_str(),
+                })
+                .inc();
+            tracing::Span::current().record("gar.stale_image_risk", containers.as_str());
+            let fix = format!(
+                "set imagePullPolicy: Always on the container, or annotate the workload \
+                 {STRATEGY_ANNOTATION}: pin-digest"
+            );
+            tracing::warn!(
+                %workload,
+                image = %push.image,
+                digest,
+                message_id = %push.message_id,
+                containers = %containers,
+                "restarted {workload} for {what}, but container {containers} may start the old \
+                 image from a node's cache: {fix}"
+            );
+            self.config.events.emit(WorkloadEvent {
+                reason: Reason::StaleImageRisk,
+                regarding: regarding.clone(),
+                note: format!(
+                    "Restarted for {what}, but container {containers} may start the old image \
+                     from a node's cache: {fix}"
+                ),
+            });
+        }
+        let (reason, note) = match plan.strategy {
+            Strategy::Restart => (Reason::Restarted, format!("Restarted for {what}")),
+            Strategy::PinDigest => (
+                Reason::PinnedDigest,
+                format!("Pinned {} to {what}", describe_pins(&plan.pins)),
+            ),
         };
-        Api::namespaced_with(self.client.clone(), &workload.namespace, &resource)
+        self.config.events.emit(WorkloadEvent {
+            reason,
+            regarding,
+            note,
+        });
     }
+}
+
+fn resource_of(kind: WorkloadKind) -> ApiResource {
+    match kind {
+        WorkloadKind::Deployment => ApiResource::erase::<Deployment>(&()),
+        WorkloadKind::StatefulSet => ApiResource::erase::<StatefulSet>(&()),
+        WorkloadKind::DaemonSet => ApiResource::erase::<DaemonSet>(&()),
+    }
+}
+
+/// `container app, initContainer migrate`.
+fn describe_pins(pins: &[Pin]) -> String {
+    pins.iter()
+        .map(|p| {
+            let kind = if p.init { "initContainer" } else { "container" };
+            format!("{kind} {}", p.container)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The sleep before the next try: the planned backoff, stretched to a server's Retry-After.
@@ -277,8 +414,15 @@ fn retry_delay(class: ErrorClass, planned: Option<Duration>) -> Option<Duration>
 
 /// The strategic-merge patch `kubectl rollout restart` sends, plus the push it is for (tag,
 /// digest, publish time) and, when the decision was taken on the live view, a resourceVersion
-/// precondition (a stale one gets 409 Conflict).
-pub fn patch_body(restarted_at: &str, push: &Push, resource_version: Option<&str>) -> Value {
+/// precondition (a stale one gets 409 Conflict). `pins` (pin-digest) set those containers'
+/// images in the same strategic-merge PATCH, merged by container name: the others are left
+/// as they are.
+pub fn patch_body(
+    restarted_at: &str,
+    push: &Push,
+    resource_version: Option<&str>,
+    pins: &[Pin],
+) -> Value {
     let mut annotations = serde_json::Map::new();
     annotations.insert(RESTARTED_AT_ANNOTATION.into(), Value::from(restarted_at));
     if let Some(d) = &push.digest {
@@ -290,6 +434,19 @@ pub fn patch_body(restarted_at: &str, push: &Push, resource_version: Option<&str
         Value::from(crate::util::clock::format_rfc3339_nanos(push.published_at)),
     );
     let mut body = json!({"spec": {"template": {"metadata": {"annotations": annotations}}}});
+    let list = |init: bool| -> Vec<Value> {
+        pins.iter()
+            .filter(|p| p.init == init)
+            .map(|p| json!({"name": p.container, "image": p.image}))
+            .collect()
+    };
+    let (containers, init_containers) = (list(false), list(true));
+    if !containers.is_empty() {
+        body["spec"]["template"]["spec"]["containers"] = Value::from(containers);
+    }
+    if !init_containers.is_empty() {
+        body["spec"]["template"]["spec"]["initContainers"] = Value::from(init_containers);
+    }
     if let Some(rv) = resource_version {
         body["metadata"] = json!({ "resourceVersion": rv });
     }
@@ -309,8 +466,9 @@ mod tests {
                 1_764_072_000_123_456_789,
             )
             .unwrap(),
+            message_id: "m1".into(),
         };
-        let body = patch_body("2026-11-25T12:00:00Z", &push, None);
+        let body = patch_body("2026-11-25T12:00:00Z", &push, None, &[]);
         let annotations = &body["spec"]["template"]["metadata"]["annotations"];
         assert_eq!(annotations[RESTARTED_AT_ANNOTATION], "2026-11-25T12:00:00Z");
         assert_eq!(annotations[DIGEST_ANNOTATION], "sha256:ab");
@@ -320,7 +478,53 @@ mod tests {
             "2025-11-25T12:00:00.123456789Z"
         );
         assert!(body.get("metadata").is_none());
-        let body = patch_body("t", &push, Some("42"));
+        assert!(
+            body["spec"]["template"].get("spec").is_none(),
+            "restart leaves the pod spec alone"
+        );
+        let body = patch_body("t", &push, Some("42"), &[]);
         assert_eq!(body["metadata"]["resourceVersion"], "42");
+    }
+
+    #[test]
+    fn pin_digest_patch_sets_only_the_pinned_containers() {
+        let push = Push {
+            image: crate::ingest::image::ImageRef::parse("gcr.io/p/app:v1").unwrap(),
+            digest: Some("sha256:ab".into()),
+            published_at: time::OffsetDateTime::from_unix_timestamp(1_764_072_000).unwrap(),
+            message_id: "m7".into(),
+        };
+        let pins = [
+            Pin {
+                container: "app".into(),
+                init: false,
+                image: "gcr.io/p/app:v1@sha256:ab".into(),
+            },
+            Pin {
+                container: "migrate".into(),
+                init: true,
+                image: "gcr.io/p/app:v1@sha256:ab".into(),
+            },
+        ];
+        let body = patch_body("t", &push, Some("9"), &pins);
+        let spec = &body["spec"]["template"]["spec"];
+        assert_eq!(
+            spec["containers"],
+            json!([{"name": "app", "image": "gcr.io/p/app:v1@sha256:ab"}])
+        );
+        assert_eq!(
+            spec["initContainers"],
+            json!([{"name": "migrate", "image": "gcr.io/p/app:v1@sha256:ab"}])
+        );
+        // The same annotations as a restart, and the precondition.
+        let annotations = &body["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(annotations[DIGEST_ANNOTATION], "sha256:ab");
+        assert_eq!(annotations[RESTARTED_AT_ANNOTATION], "t");
+        assert_eq!(body["metadata"]["resourceVersion"], "9");
+        assert_eq!(describe_pins(&pins), "container app, initContainer migrate");
+        // Only init containers: no `containers` key (which strategic merge would leave alone
+        // anyway, but the body stays minimal).
+        let body = patch_body("t", &push, None, &pins[1..]);
+        assert!(body["spec"]["template"]["spec"].get("containers").is_none());
     }
 }

@@ -158,6 +158,8 @@ pub struct Finished {
     pub image: String,
     pub digest: Option<String>,
     pub message_id: String,
+    /// `restart` or `pin-digest`.
+    pub strategy: &'static str,
     pub result: RolloutResult,
     /// kubectl's words for the end (or for what it still waited for, when timed out).
     pub detail: String,
@@ -172,6 +174,7 @@ struct Tracked {
     /// The push the restart was for: the pod template carries it once our PATCH is seen.
     push: RestartRecord,
     message_id: String,
+    strategy: &'static str,
     deadline: Instant,
     /// The object's generation once our template is seen; rollouts of other specs don't count.
     generation: Option<i64>,
@@ -223,7 +226,13 @@ impl Rollouts {
 
     /// Starts following `workload`'s rollout for `push`, restarted by message `message_id`.
     /// Called inside the `restart` span, which the `rollout` span follows from.
-    pub fn track(&self, workload: &WorkloadRef, push: &Push, message_id: &str) {
+    pub fn track(
+        &self,
+        workload: &WorkloadRef,
+        push: &Push,
+        message_id: &str,
+        strategy: &'static str,
+    ) {
         let span = tracing::info_span!(
             parent: None,
             "rollout",
@@ -240,6 +249,7 @@ impl Rollouts {
             workload: workload.clone(),
             push: push.record(),
             message_id: message_id.to_owned(),
+            strategy,
             deadline: Instant::now() + self.config.timeout + MARGIN,
             generation: None,
             waiting: "the restart to be observed".into(),
@@ -322,6 +332,7 @@ impl Rollouts {
             image: t.push.image.unwrap_or_default(),
             digest: t.push.digest,
             message_id: t.message_id,
+            strategy: t.strategy,
             result,
             detail,
             published_at: t.push.published_at,
@@ -516,6 +527,7 @@ mod tests {
             image: ImageRef::parse("europe-docker.pkg.dev/p/r/app:v1").expect("ref"),
             digest: Some(format!("sha256:{}", hex.to_string().repeat(64))),
             published_at: OffsetDateTime::from_unix_timestamp(1_700_000_000 + secs).expect("time"),
+            message_id: "m".into(),
         }
     }
 
@@ -532,9 +544,11 @@ mod tests {
                 init: false,
                 image: None,
                 pull_policy: None,
+                written: None,
             }],
             paused: false,
             annotations_enabled: None,
+            strategy: None,
             last_restart: record,
             resource_version: None,
             generation,
@@ -570,7 +584,7 @@ mod tests {
         let finished = Arc::new(Mutex::new(Vec::new()));
         let seen = finished.clone();
         r.on_finish(move |f| lock(&seen).push((f.result, f.message_id.clone())));
-        r.track(&w, &p, "m-1");
+        r.track(&w, &p, "m-1", "restart");
         // The state from before our PATCH is "done", but not with our template.
         r.applied(&state(&w, RestartRecord::default(), 1, status()));
         assert_eq!(r.len(), 1);
@@ -608,7 +622,7 @@ mod tests {
         let (r, m) = rollouts();
         let w = WorkloadRef::new(WorkloadKind::Deployment, "apps", "web");
         let (a, b) = (push('a', 0), push('b', 10));
-        r.track(&w, &a, "m-1");
+        r.track(&w, &a, "m-1", "restart");
         let mut stuck = status();
         stuck.observed_generation = 3;
         stuck.updated_replicas = 1;
@@ -616,8 +630,8 @@ mod tests {
         r.applied(&state(&w, a.record(), 3, stuck));
         assert_eq!(count(&m, "failed"), 1);
 
-        r.track(&w, &a, "m-1");
-        r.track(&w, &b, "m-2");
+        r.track(&w, &a, "m-1", "restart");
+        r.track(&w, &b, "m-2", "restart");
         let dropped = |reason| {
             m.rollouts_dropped
                 .get_or_create(&ReasonLabels { reason })
@@ -631,7 +645,7 @@ mod tests {
         r.deleted(&key_of(&w));
         assert_eq!(dropped("deleted"), 1);
 
-        r.track(&w, &b, "m-2");
+        r.track(&w, &b, "m-2", "restart");
         r.sweep(Instant::now() + Duration::from_secs(600) + MARGIN);
         assert_eq!(count(&m, "timed_out"), 1);
         assert!(r.is_empty());
@@ -642,7 +656,7 @@ mod tests {
         let (r, m) = rollouts();
         let w = WorkloadRef::new(WorkloadKind::Deployment, "apps", "web");
         let p = push('a', 0);
-        r.track(&w, &p, "m-1");
+        r.track(&w, &p, "m-1", "restart");
         let mut s = status();
         s.observed_generation = 1;
         s.progress_deadline_seconds = Some(5);
@@ -657,6 +671,7 @@ mod tests {
                 &WorkloadRef::new(WorkloadKind::Deployment, "apps", &format!("w-{i}")),
                 &p,
                 "m",
+                "restart",
             );
         }
         assert_eq!(r.len(), CAPACITY);

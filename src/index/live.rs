@@ -326,10 +326,12 @@ mod tests {
                     init: false,
                     image: ImageRef::parse(image).ok(),
                     pull_policy: None,
+                    written: Some(image.to_string()),
                 })
                 .collect(),
             paused: false,
             annotations_enabled: None,
+            strategy: None,
             last_restart: RestartRecord::default(),
             resource_version: Some("1".into()),
             generation: 1,

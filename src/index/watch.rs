@@ -147,6 +147,8 @@ impl StreamContext {
                         self.metrics
                             .watch_synced
                             .set(i64::from(self.live.is_synced()));
+                        // The list's pages of whole objects are freed by now.
+                        crate::util::heap::release_freed_memory();
                         if std::mem::take(failing) {
                             tracing::info!(stream = %self.where_(), "watch recovered");
                         }

@@ -10,10 +10,13 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::ingest::image::ImageRef;
+use crate::ingest::image::{ImageRef, index_key};
 
 /// Annotation on a workload that opts it out of indexing (and so of restarts).
 pub const ENABLED_ANNOTATION: &str = "gar-restarter/enabled";
+/// Annotation on a workload that picks how it is restarted (`restart` or `pin-digest`);
+/// `--strategy` is the default.
+pub const STRATEGY_ANNOTATION: &str = "gar-restarter/strategy";
 /// Pod-template annotations our restart PATCH writes, read back through the watch: which
 /// push the workload was last restarted for. They make dedupe and the out-of-order guard
 /// exact across replicas and restarts, at no API cost.
@@ -138,9 +141,29 @@ pub fn enabled(flag: Option<&str>, opt_in: bool) -> bool {
 pub struct ContainerImage {
     pub container: String,
     pub init: bool,
-    /// The normalised tag reference; `None` for digest-pinned or unparseable images.
+    /// The normalised tag reference it is indexed under (see [`index_key`]): `repo:tag@…`
+    /// keeps its tag; `None` for `repo@sha256:…` (pinned by hand) or unparseable images.
     pub image: Option<ImageRef>,
     pub pull_policy: Option<String>,
+    /// The image exactly as the pod template writes it, when that differs from `image`'s
+    /// normalised form (`None`: the same, as for every fully spelled GAR image, so the live
+    /// view holds no second copy): pin-digest keeps its spelling, and the pull-policy
+    /// defaults read its tag.
+    pub written: Option<String>,
+}
+
+impl ContainerImage {
+    /// Whether the pod template pins a digest (`…@sha256:…`): a restart cannot change it.
+    pub fn digest_pinned(&self) -> bool {
+        self.written.as_deref().is_some_and(|w| w.contains('@'))
+    }
+
+    /// The image as the pod template writes it (see [`ContainerImage::written`]).
+    pub fn spelled(&self) -> Option<&str> {
+        self.written
+            .as_deref()
+            .or_else(|| self.image.as_ref().map(ImageRef::as_str))
+    }
 }
 
 /// Rollout progress as the workload reports it: the inputs of kubectl's `rollout status`,
@@ -182,6 +205,9 @@ pub struct WorkloadState {
     pub paused: bool,
     /// The workload's own `gar-restarter/enabled` annotation, raw, judged with `--opt-in`.
     pub annotations_enabled: Option<String>,
+    /// The workload's own `gar-restarter/strategy` annotation, raw (judged when deciding,
+    /// so that an unknown value is reported rather than guessed).
+    pub strategy: Option<String>,
     pub last_restart: RestartRecord,
     /// The object's resourceVersion when seen: the PATCH precondition, so that a decision
     /// taken on a stale view fails with 409 and is taken again.
@@ -227,15 +253,19 @@ impl WorkloadState {
                 let init = s.init_containers.iter().flatten().map(|c| (c, true));
                 s.containers.iter().map(|c| (c, false)).chain(init)
             })
-            .map(|(c, init)| ContainerImage {
-                container: c.name.clone(),
-                init,
-                image: c
+            .map(|(c, init)| {
+                let image = c.image.as_deref().and_then(index_key);
+                let written = c
                     .image
-                    .as_deref()
-                    .and_then(|i| ImageRef::parse(i).ok())
-                    .filter(|r| r.tag().is_some()),
-                pull_policy: c.image_pull_policy.clone(),
+                    .clone()
+                    .filter(|w| image.as_ref().is_none_or(|i| i.as_str() != w));
+                ContainerImage {
+                    container: c.name.clone(),
+                    init,
+                    image,
+                    pull_policy: c.image_pull_policy.clone(),
+                    written,
+                }
             })
             .collect();
         Some(Self {
@@ -246,6 +276,11 @@ impl WorkloadState {
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(ENABLED_ANNOTATION))
+                .cloned(),
+            strategy: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(STRATEGY_ANNOTATION))
                 .cloned(),
             last_restart: RestartRecord::from_annotations(
                 template
@@ -435,5 +470,50 @@ mod tests {
             serde_json::from_str(r#"{"kind":"StatefulSet","name":"db","namespace":"x","extra":1}"#)
                 .unwrap();
         assert_eq!(s.kind, WorkloadKind::StatefulSet);
+    }
+
+    #[test]
+    fn a_tag_pinned_by_digest_stays_indexed_under_its_tag() {
+        let d = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let mut pinned = container(&format!("gcr.io/p/app:v1@{d}"));
+        pinned.name = "app".into();
+        let mut by_hand = container(&format!("gcr.io/p/tool@{d}"));
+        by_hand.name = "tool".into();
+        let spec = PodSpec {
+            containers: vec![pinned, by_hand],
+            ..Default::default()
+        };
+        let deployment = Deployment {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                namespace: Some("apps".into()),
+                annotations: Some(
+                    [(STRATEGY_ANNOTATION.to_string(), "pin-digest".to_string())].into(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(k8s_openapi::api::apps::v1::DeploymentSpec {
+                template: PodTemplateSpec {
+                    metadata: None,
+                    spec: Some(spec),
+                },
+                ..Default::default()
+            }),
+            status: None,
+        };
+        let state = deployment.state().unwrap();
+        let images: Vec<String> = state
+            .images()
+            .iter()
+            .map(|i| i.as_str().to_string())
+            .collect();
+        assert_eq!(images, ["gcr.io/p/app:v1"]);
+        assert_eq!(state.strategy.as_deref(), Some("pin-digest"));
+        assert!(state.containers[0].digest_pinned());
+        assert_eq!(
+            state.containers[0].spelled(),
+            Some(format!("gcr.io/p/app:v1@{d}").as_str())
+        );
+        assert_eq!(state.containers[1].image, None, "no tag: pinned by hand");
     }
 }

@@ -76,6 +76,25 @@ impl ImageRef {
     }
 }
 
+/// The tag reference a pod template's `image` is indexed under, or `None`.
+///
+/// `repo:tag` (or `repo`, meaning `:latest`) is indexed under itself, and so is
+/// `repo:tag@sha256:…`: that is what the `pin-digest` strategy writes, and the workload must
+/// be found (and re-pinned) by the next push of the tag, though [`ImageRef::parse`] lets the
+/// digest win. `repo@sha256:…` names no tag (pinned by hand): never indexed. Invalid: `None`.
+pub fn index_key(image: &str) -> Option<ImageRef> {
+    let parsed = Parsed::new(image).ok()?;
+    if parsed.tag().is_some() {
+        return Some(parsed.to_image_ref());
+    }
+    let (name_and_tag, _) = split_once_byte(image.trim(), b'@')?;
+    let colon = rfind_byte(name_and_tag, b':')?;
+    if rfind_byte(name_and_tag, b'/').is_some_and(|slash| slash > colon) {
+        return None;
+    }
+    Parsed::new(name_and_tag).ok().map(|p| p.to_image_ref())
+}
+
 /// A validated reference still borrowed from its input: its parts are known, nothing is
 /// allocated. The parse stage compares a message's tag and digest references through this and
 /// builds an [`ImageRef`] only for the one it keeps.
@@ -378,6 +397,30 @@ impl FromStr for ImageRef {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn index_keys_keep_the_tag_of_a_pinned_tag() {
+        let d = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let key = |s: &str| index_key(s).map(|r| r.as_str().to_string());
+        assert_eq!(key("gcr.io/p/app:v1").as_deref(), Some("gcr.io/p/app:v1"));
+        assert_eq!(
+            key("nginx").as_deref(),
+            Some("docker.io/library/nginx:latest")
+        );
+        assert_eq!(
+            key(&format!("gcr.io/p/app:v1@{d}")).as_deref(),
+            Some("gcr.io/p/app:v1")
+        );
+        assert_eq!(
+            key(&format!("localhost:5000/app:v2@{d}")).as_deref(),
+            Some("localhost:5000/app:v2")
+        );
+        // No tag: pinned by hand, never indexed (a registry port is not a tag).
+        assert_eq!(key(&format!("gcr.io/p/app@{d}")), None);
+        assert_eq!(key(&format!("localhost:5000/app@{d}")), None);
+        assert_eq!(key("gcr.io/p/app:v1@sha256:short"), None);
+        assert_eq!(key("Not Valid"), None);
+    }
     use super::*;
 
     const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";

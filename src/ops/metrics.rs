@@ -33,6 +33,14 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KubeEventLabels {
+    /// The Event's reason: Restarted, PinnedDigest, StaleImageRisk.
+    pub reason: &'static str,
+    /// emitted, failed (the API refused or did not answer), dropped (queue full).
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StreamLabels {
     /// The resource watched: deployments, statefulsets or daemonsets.
     pub kind: &'static str,
@@ -127,6 +135,12 @@ pub struct Metrics {
     pub rollouts_dropped: Family<ReasonLabels, Counter>,
     pub rollouts_tracked: Gauge,
     pub notifications: Family<ResultLabels, Counter>,
+    /// Restarts (strategy `restart`) of a workload with a container whose effective pull
+    /// policy is IfNotPresent or Never, by workload kind.
+    pub stale_image_risk: Family<KindLabels, Counter>,
+    pub kubernetes_events: Family<KubeEventLabels, Counter>,
+    /// Time to write one Kubernetes Event (off the hot path).
+    pub kubernetes_event_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -169,6 +183,9 @@ impl Metrics {
             rollouts_dropped: Family::default(),
             rollouts_tracked: Gauge::default(),
             notifications: Family::default(),
+            stale_image_risk: Family::default(),
+            kubernetes_events: Family::default(),
+            kubernetes_event_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 18)),
             registry: Registry::default(),
         };
         for action in ACTIONS {
@@ -183,6 +200,17 @@ impl Metrics {
         for kind in ["deployments", "statefulsets", "daemonsets"] {
             let _ = m.watch_events.get_or_create(&StreamLabels { kind });
             let _ = m.watch_errors.get_or_create(&StreamLabels { kind });
+        }
+        for kind in ["Deployment", "StatefulSet", "DaemonSet"] {
+            let _ = m.stale_image_risk.get_or_create(&KindLabels { kind });
+        }
+        for reason in crate::act::events::Reason::ALL {
+            for result in ["emitted", "failed", "dropped"] {
+                let _ = m.kubernetes_events.get_or_create(&KubeEventLabels {
+                    reason: reason.as_str(),
+                    result,
+                });
+            }
         }
         for result in REBUILD_RESULTS {
             let _ = m.rebuilds.get_or_create(&ResultLabels { result });
@@ -243,6 +271,21 @@ impl Metrics {
             "receive_to_patch_seconds",
             "From the start of a message's processing to its first restart PATCH being handed to the Kubernetes client (the daemon's own share of the latency)",
             m.receive_to_patch_seconds.clone(),
+        );
+        registry.register(
+            "stale_image_risk",
+            "Restarts of workloads with a container whose effective imagePullPolicy (IfNotPresent, Never) may start the old image from a node's cache, by kind",
+            m.stale_image_risk.clone(),
+        );
+        registry.register(
+            "kubernetes_events",
+            "Kubernetes Events on workloads, by reason and result (emitted, failed, dropped)",
+            m.kubernetes_events.clone(),
+        );
+        registry.register(
+            "kubernetes_event_seconds",
+            "Time to write one Kubernetes Event (in the background, never on a message's path)",
+            m.kubernetes_event_seconds.clone(),
         );
         registry.register(
             "watch_events",

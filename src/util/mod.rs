@@ -2,5 +2,6 @@
 
 pub mod clock;
 pub mod excerpt;
+pub mod heap;
 pub(crate) mod json;
 pub mod lock;

@@ -193,7 +193,7 @@ impl CacheChain {
             .set_index(index.image_count(), index.workload_count(), generated);
         self.inner.index.store(index);
         self.inner.origin.store(origin as u8, Ordering::Relaxed);
-        release_freed_memory();
+        crate::util::heap::release_freed_memory();
     }
 
     /// [`Self::reload_mount`] on a blocking thread: parsing a large index takes tens of
@@ -460,16 +460,6 @@ impl CacheChain {
             image: image.to_string(),
             message,
         }
-    }
-}
-
-/// Loading an index allocates the parsed file and its temporaries, then frees them; glibc
-/// keeps that memory mapped unless asked, which would double the steady-state RSS.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks glibc's own heap bookkeeping; it takes no pointers.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 
