@@ -157,6 +157,7 @@ fn workload(i: usize, images: usize, v: usize) -> WorkloadState {
         strategy: None,
         last_restart: RestartRecord::default(),
         resource_version: Some(format!("{}", 1000 + i)),
+        uid: None,
         generation: 1,
         status: RolloutStatus::default(),
     }

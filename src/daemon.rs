@@ -203,6 +203,7 @@ fn rollout_event(f: &Finished) -> WorkloadEvent {
             kind: Some(f.workload.kind.as_str().into()),
             namespace: Some(f.workload.namespace.to_string()),
             name: Some(f.workload.name.to_string()),
+            uid: f.uid.clone(),
             ..ObjectReference::default()
         },
         note: format!(

@@ -125,6 +125,18 @@ async fn a_rollout_is_followed_to_success() {
     assert_eq!(restart["result"], "restarted");
     assert_eq!(rollout["result"], "succeeded");
     assert_eq!(restart["messageId"], rollout["messageId"]);
+    let events = events_on(&h, "apps", "web").await;
+    let succeeded: Vec<_> = events
+        .iter()
+        .filter(|(_, reason, _)| reason == "RolloutSucceeded")
+        .collect();
+    assert_eq!(succeeded.len(), 1, "{events:?}");
+    let (kind, _, note) = succeeded[0];
+    assert_eq!(kind, "Normal");
+    assert!(
+        note.contains(&gar("app:v1")) && note.contains(HEX_A) && note.contains("message"),
+        "{note}"
+    );
     assert_eq!(
         h.metric("gar_restarter_notifications_total{result=\"published\"}"),
         2.0
@@ -158,6 +170,26 @@ async fn a_stuck_rollout_is_reported_as_failed() {
         h.metric("gar_restarter_events_settled_total{outcome=\"ack\"}"),
         1.0,
         "the message was acked when the PATCH was accepted"
+    );
+    let failed = async {
+        for _ in 0..100 {
+            let events = events_on(&h, "apps", "web").await;
+            if let Some(e) = events
+                .iter()
+                .find(|(_, reason, _)| reason == "RolloutFailed")
+            {
+                return Some(e.clone());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+    .await;
+    let (kind, _, note) = failed.expect("a RolloutFailed Event on apps/web");
+    assert_eq!(kind, "Warning");
+    assert!(
+        note.contains("ProgressDeadlineExceeded") && note.contains(HEX_A),
+        "{note}"
     );
     let log = h.daemon_log();
     assert!(

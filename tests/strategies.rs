@@ -6,8 +6,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
 
 const SYNCED: &str = "gar_restarter_watch_synced";
@@ -58,31 +56,6 @@ fn image_of(obj: &Value, list: &str, name: &str) -> Option<String> {
 
 fn pinned(tag: &str, hex: &str) -> String {
     format!("{}@sha256:{hex}", gar(tag))
-}
-
-/// The gar-restarter Events on `ns/name`, as `(type, reason, note)`, oldest first.
-async fn events_on(h: &Harness, ns: &str, name: &str) -> Vec<(String, String, String)> {
-    let api: Api<Event> = Api::namespaced(h.api.admin(), ns);
-    let mut list = match api.list(&ListParams::default()).await {
-        Ok(l) => l.items,
-        Err(e) => panic!("listing events in {ns}: {e}"),
-    };
-    list.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
-    list.into_iter()
-        .filter(|e| e.reporting_controller.as_deref() == Some("gar-restarter"))
-        .filter(|e| {
-            e.regarding
-                .as_ref()
-                .is_some_and(|r| r.name.as_deref() == Some(name) && r.uid.is_some())
-        })
-        .map(|e| {
-            (
-                e.type_.unwrap_or_default(),
-                e.reason.unwrap_or_default(),
-                e.note.unwrap_or_default(),
-            )
-        })
-        .collect()
 }
 
 /// Waits until `ns/name` has at least `n` Events with `reason`; returns their notes.

@@ -303,6 +303,7 @@ mod tests {
             strategy: None,
             last_restart: last.map(|p| p.record()).unwrap_or_default(),
             resource_version: Some("42".into()),
+            uid: None,
             generation: 1,
             status: RolloutStatus::default(),
         };

@@ -160,6 +160,8 @@ pub struct Finished {
     pub message_id: String,
     /// `restart` or `pin-digest`.
     pub strategy: &'static str,
+    /// The workload's uid, when the watch showed it before the end.
+    pub uid: Option<String>,
     pub result: RolloutResult,
     /// kubectl's words for the end (or for what it still waited for, when timed out).
     pub detail: String,
@@ -180,6 +182,8 @@ struct Tracked {
     generation: Option<i64>,
     /// What kubectl would say it waits for, for the timed-out report.
     waiting: String,
+    /// The object's uid, once the watch has shown it (for the Events).
+    uid: Option<String>,
     span: tracing::Span,
 }
 
@@ -253,6 +257,7 @@ impl Rollouts {
             deadline: Instant::now() + self.config.timeout + MARGIN,
             generation: None,
             waiting: "the restart to be observed".into(),
+            uid: None,
             span,
         };
         let mut map = lock(&self.tracked);
@@ -333,6 +338,7 @@ impl Rollouts {
             digest: t.push.digest,
             message_id: t.message_id,
             strategy: t.strategy,
+            uid: t.uid,
             result,
             detail,
             published_at: t.push.published_at,
@@ -367,6 +373,9 @@ enum Step {
 
 /// Advances `t` with `state` (the same workload).
 fn step(t: &mut Tracked, state: &WorkloadState) -> Step {
+    if t.uid.is_none() {
+        t.uid.clone_from(&state.uid);
+    }
     let record = &state.last_restart;
     if t.generation.is_none() {
         if record.digest != t.push.digest || record.published_at != t.push.published_at {
@@ -551,6 +560,7 @@ mod tests {
             strategy: None,
             last_restart: record,
             resource_version: None,
+            uid: None,
             generation,
             status: s,
         }

@@ -334,6 +334,7 @@ mod tests {
             strategy: None,
             last_restart: RestartRecord::default(),
             resource_version: Some("1".into()),
+            uid: None,
             generation: 1,
             status: RolloutStatus::default(),
         }

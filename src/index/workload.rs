@@ -212,6 +212,8 @@ pub struct WorkloadState {
     /// The object's resourceVersion when seen: the PATCH precondition, so that a decision
     /// taken on a stale view fails with 409 and is taken again.
     pub resource_version: Option<String>,
+    /// The object's uid: what an Event names so that `kubectl describe` shows it.
+    pub uid: Option<String>,
     pub generation: i64,
     pub status: RolloutStatus,
 }
@@ -289,6 +291,7 @@ impl WorkloadState {
                     .and_then(|m| m.annotations.as_ref()),
             ),
             resource_version: meta.resource_version.clone(),
+            uid: meta.uid.clone(),
             generation: meta.generation.unwrap_or(0),
             status,
         })

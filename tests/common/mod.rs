@@ -585,3 +585,29 @@ impl Harness {
         }
     }
 }
+
+/// The gar-restarter Events on `ns/name`, as `(type, reason, note)`, oldest first.
+pub async fn events_on(h: &Harness, ns: &str, name: &str) -> Vec<(String, String, String)> {
+    let api: kube::Api<k8s_openapi::api::events::v1::Event> =
+        kube::Api::namespaced(h.api.admin(), ns);
+    let mut list = match api.list(&kube::api::ListParams::default()).await {
+        Ok(l) => l.items,
+        Err(e) => panic!("listing events in {ns}: {e}"),
+    };
+    list.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+    list.into_iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some("gar-restarter"))
+        .filter(|e| {
+            e.regarding
+                .as_ref()
+                .is_some_and(|r| r.name.as_deref() == Some(name) && r.uid.is_some())
+        })
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect()
+}
