@@ -183,7 +183,14 @@ async fn settle() {
 pub struct Scale {
     pub workloads: usize,
     pub refs: usize,
-    /// Spawn → /readyz (no mounted index: the cache ConfigMap, else a scan, is loaded first).
+    /// The first start: no cache ConfigMap yet, so a scan builds the index.
+    pub cold: Start,
+    /// The next start: the index comes from the cache ConfigMap the first one wrote.
+    pub warm: Start,
+}
+
+pub struct Start {
+    /// Spawn → /readyz.
     pub ready: Duration,
     /// Spawn → every watch stream has listed (`gar_restarter_watch_synced` = 1).
     pub synced: Duration,
@@ -234,8 +241,31 @@ pub async fn scale(binary: &Path, workloads: usize, images: usize) -> Result<Sca
         args: Vec::new(),
         env: Vec::new(),
     };
+    let cold = start_watched(&spec, workloads).await?;
+    // A second start, as a deployed daemon restarts: the first wrote the index to the cache
+    // ConfigMap, so this one is ready on it and its watch lists in the background.
+    let warm = start_watched(
+        &DaemonSpec {
+            log: tmp.path().join("daemon-warm.log"),
+            metrics_addr: free_addr()?,
+            ..spec
+        },
+        workloads,
+    )
+    .await?;
+    Ok(Scale {
+        workloads,
+        refs: workloads * images,
+        cold,
+        warm,
+    })
+}
+
+/// Spawns the daemon with its watch on and waits until it is ready and its watch has listed
+/// `workloads` Deployments; then reads its memory and stops it.
+async fn start_watched(spec: &DaemonSpec, workloads: usize) -> Result<Start> {
     let spawned = Instant::now();
-    let mut daemon = Daemon::spawn(&spec)?;
+    let mut daemon = Daemon::spawn(spec)?;
     let ready = daemon
         .wait_ready_polling(Duration::from_secs(300), Duration::from_millis(5))
         .await?;
@@ -247,7 +277,7 @@ pub async fn scale(binary: &Path, workloads: usize, images: usize) -> Result<Sca
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let synced = spawned.elapsed();
-    // Let the start-up's transient buffers go and the first snapshot be written.
+    // Let the start-up's transient buffers go and the cache ConfigMap be written.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let pid = daemon.id().context("the daemon has no pid")?;
     let (rss_mib, hwm_mib) = (
@@ -261,9 +291,7 @@ pub async fn scale(binary: &Path, workloads: usize, images: usize) -> Result<Sca
     if listed.is_nan() || listed < workloads as f64 {
         bail!("the watch applied {listed} events for {workloads} Deployments");
     }
-    Ok(Scale {
-        workloads,
-        refs: workloads * images,
+    Ok(Start {
         ready,
         synced,
         rss_mib,
