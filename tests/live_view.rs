@@ -16,15 +16,6 @@ fn sha(hex: &str) -> String {
     format!("sha256:{hex}")
 }
 
-async fn start_synced(h: &mut Harness) {
-    h.start_daemon().await;
-    assert!(
-        wait_until(Duration::from_secs(20), || h.metric(SYNCED) == 1.0).await,
-        "the watch never listed: {}",
-        h.daemon_log()
-    );
-}
-
 /// Waits until `outcome` has been counted for `n` settled messages in total.
 async fn settled(h: &Harness, n: f64) {
     let total = || {
@@ -59,7 +50,7 @@ fn set_template_annotation(obj: &mut Value, key: &str, value: &str) {
 async fn a_new_workload_is_restarted_by_the_next_push() {
     let mut h = Harness::real().await;
     h.api.insert(deployment("apps", "old", &[&gar("app:v1")]));
-    start_synced(&mut h).await;
+    h.start_synced().await;
     let seen = h.api.requests().len();
     h.api.insert(deployment("apps", "new", &[&gar("app:v1")]));
     // The watch sees it within milliseconds; give it a moment.
@@ -94,7 +85,7 @@ async fn opt_out_and_resume_take_effect_at_once() {
     let mut paused = deployment("apps", "batch", &[&gar("app:v1")]);
     paused["spec"]["paused"] = true.into();
     h.api.insert(paused);
-    start_synced(&mut h).await;
+    h.start_synced().await;
 
     h.api.modify("deployments", "apps", "web", |o| {
         o["metadata"]["annotations"]["gar-restarter/enabled"] = "false".into();
@@ -129,7 +120,7 @@ async fn opt_out_and_resume_take_effect_at_once() {
 async fn a_tag_rollback_restarts_and_a_duplicate_does_not() {
     let mut h = Harness::real().await;
     h.api.insert(deployment("apps", "web", &[&gar("app:v1")]));
-    start_synced(&mut h).await;
+    h.start_synced().await;
     for (i, hex) in [HEX_A, HEX_B, HEX_A].into_iter().enumerate() {
         h.publish(&insert("app:v1", hex)).await;
         assert!(
@@ -177,7 +168,7 @@ async fn a_late_event_is_stale_and_restarts_nothing() {
         "2099-01-01T00:00:00Z",
     );
     h.api.insert(web);
-    start_synced(&mut h).await;
+    h.start_synced().await;
     h.publish(&insert("app:v1", HEX_A)).await;
     settled(&h, 1.0).await;
     assert_eq!(
@@ -209,7 +200,7 @@ async fn the_scope_is_enforced_when_acting() {
         {"namespace": "apps", "name": "web"}, {"namespace": "kube-system", "name": "coredns"}]}});
     std::fs::write(cache.join("cache.json"), index.to_string()).unwrap();
     h.extra_args.extend(["--namespace".into(), "apps".into()]);
-    start_synced(&mut h).await;
+    h.start_synced().await;
     h.publish(&insert("app:v1", HEX_A)).await;
     assert!(
         wait_until(Duration::from_secs(20), || digest_of(&h, "apps", "web")
@@ -236,7 +227,7 @@ async fn two_replicas_restart_once_per_digest() {
         h.api
             .insert(deployment("apps", &format!("web-{i}"), &[&gar("app:v1")]));
     }
-    start_synced(&mut h).await;
+    h.start_synced().await;
     // The harness' flags apply to the extra daemon too; later flags win.
     h.extra_args.extend([
         "--subscription".into(),
@@ -338,7 +329,7 @@ async fn the_watch_relists_on_410_gone_without_missing_a_change() {
     h.api.insert(deployment("apps", "old", &[&gar("app:v1")]));
     h.api
         .insert(deployment("apps", "optout", &[&gar("app:v1")]));
-    start_synced(&mut h).await;
+    h.start_synced().await;
     let from = h.api.requests().len();
 
     // Cut off: every watch request is refused while the cluster changes.
@@ -411,7 +402,7 @@ async fn the_watch_survives_an_api_server_restart_without_missing_a_change() {
     h.api.insert(deployment("apps", "old", &[&gar("app:v1")]));
     h.api
         .insert(deployment("apps", "optout", &[&gar("app:v1")]));
-    start_synced(&mut h).await;
+    h.start_synced().await;
 
     // Until the test has changed the cluster, the daemon cannot watch again.
     h.api.add_fault(Fault::error("", 503).on_query("watch="));

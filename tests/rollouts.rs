@@ -11,8 +11,6 @@ use common::*;
 use gar_testsupport::objects::deployment;
 use serde_json::Value;
 
-const SYNCED: &str = "gar_restarter_watch_synced";
-
 fn rollouts(h: &Harness, result: &str) -> f64 {
     h.metric(&format!(
         "gar_restarter_rollouts_total{{kind=\"Deployment\",result=\"{result}\"}}"
@@ -42,15 +40,6 @@ async fn rolled_out(h: &Harness, name: &str, deadline_secs: Option<i64>) {
     );
 }
 
-async fn start_synced(h: &mut Harness) {
-    h.start_daemon().await;
-    assert!(
-        wait_until(Duration::from_secs(20), || h.metric(SYNCED) == 1.0).await,
-        "the watch never listed: {}",
-        h.daemon_log()
-    );
-}
-
 /// The restart's rollout is followed to its end: counted, timed from the push, logged, and the
 /// message was acked long before (the ack does not wait). The outcome topic gets one record
 /// for the restart and one for the rollout.
@@ -60,7 +49,7 @@ async fn a_rollout_is_followed_to_success() {
     rolled_out(&h, "web", None).await;
     h.extra_args
         .extend(["--notify-topic".into(), h.emulator.topic(NOTIFY_TOPIC)]);
-    start_synced(&mut h).await;
+    h.start_synced().await;
     h.publish(&insert("app:v1", HEX_A)).await;
     assert!(
         wait_until(Duration::from_secs(20), || h
@@ -149,7 +138,7 @@ async fn a_rollout_is_followed_to_success() {
 async fn a_stuck_rollout_is_reported_as_failed() {
     let mut h = Harness::real().await;
     rolled_out(&h, "web", Some(3)).await;
-    start_synced(&mut h).await;
+    h.start_synced().await;
     // From now on the pods of this image start but never pass their readiness probe.
     h.api.kubelet().hold(&gar("app:v1"));
     h.publish(&insert("app:v1", HEX_A)).await;

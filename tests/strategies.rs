@@ -8,17 +8,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::{Value, json};
 
-const SYNCED: &str = "gar_restarter_watch_synced";
 const HEX_C: &str = "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc";
-
-async fn start_synced(h: &mut Harness) {
-    h.start_daemon().await;
-    assert!(
-        wait_until(Duration::from_secs(20), || h.metric(SYNCED) == 1.0).await,
-        "the watch never listed: {}",
-        h.daemon_log()
-    );
-}
 
 fn container(name: &str, image: &str) -> Value {
     json!({"name": name, "image": image})
@@ -114,7 +104,7 @@ async fn pin_digest_pins_the_matching_containers_and_repins_on_the_next_push() {
         vec![],
         &[("gar-restarter/strategy", "pin_digest")],
     ));
-    start_synced(&mut h).await;
+    h.start_synced().await;
 
     let first = h.publish(&insert("app:v1", HEX_A)).await;
     assert!(
@@ -233,7 +223,7 @@ async fn restart_flags_a_cached_pull_policy_and_writes_events() {
     always["imagePullPolicy"] = json!("Always");
     h.api
         .insert(workload("apps", "always", vec![always], vec![], &[]));
-    start_synced(&mut h).await;
+    h.start_synced().await;
     assert_eq!(
         h.metric("gar_restarter_stale_image_risk_total{kind=\"Deployment\"}"),
         0.0,
@@ -338,7 +328,7 @@ async fn dry_run_emits_no_events() {
         &[],
     ));
     h.extra_args.push("--dry-run".into());
-    start_synced(&mut h).await;
+    h.start_synced().await;
     h.publish(&insert("app:v2", HEX_A)).await;
     assert!(
         wait_until(Duration::from_secs(20), || {

@@ -189,6 +189,19 @@ impl Harness {
         }
     }
 
+    /// Starts the daemon and asserts that its watch has listed (the live view is complete).
+    pub async fn start_synced(&mut self) {
+        self.start_daemon().await;
+        assert!(
+            wait_until(Duration::from_secs(20), || self
+                .metric("gar_restarter_watch_synced")
+                == 1.0)
+            .await,
+            "the watch never listed: {}",
+            self.daemon_log()
+        );
+    }
+
     pub async fn wait_ready(&mut self, timeout: Duration) {
         let daemon = self.daemon.as_mut().expect("the daemon was started");
         if let Err(e) = daemon.wait_ready(timeout).await {

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use gar_testsupport::daemon::{Daemon, DaemonSpec, free_addr};
+use gar_testsupport::daemon::{Daemon, DaemonSpec};
 use gar_testsupport::emulator::Emulator;
 use gar_testsupport::fake_api::{FakeApi, Recording, daemonset, deployment, statefulset};
 use gar_testsupport::fixtures;
@@ -129,33 +129,20 @@ async fn fan_out(binary: &Path) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let kubeconfig = tmp.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig)?;
-    let spec = DaemonSpec {
-        binary: binary.to_owned(),
-        pubsub_host: emu.host(),
-        subscription: emu.subscription("gcr-sub"),
-        dead_letter_topic: emu.topic("dlq"),
-        kubeconfig,
-        // Empty: the index comes from the start-up scan of the fake API.
-        cache_dir: tmp.path().join("cache"),
-        metrics_addr: free_addr()?,
-        log: tmp.path().join("daemon.log"),
-        log_filter: "warn".into(),
-        args: vec![
+    // The cache mount stays empty: the index comes from the start-up scan of the fake API.
+    let spec = util::daemon_spec(
+        binary,
+        &emu,
+        tmp.path(),
+        vec![
             "--watch=false".into(),
             format!("--max-restarts-per-second={FAN_OUT_RATE}"),
         ],
-        env: Vec::new(),
-    };
+    )?;
     let mut daemon = Daemon::spawn(&spec)?;
     daemon.wait_ready(Duration::from_secs(60)).await?;
     api.clear_requests();
-    let publisher = BasePublisher::builder()
-        .with_endpoint(emu.endpoint())
-        .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build())
-        .build()
-        .await?
-        .publisher(emu.topic("gcr"))
-        .build();
+    let publisher = gcr_publisher(&emu).await?;
     let event = serde_json::json!({
         "action": "INSERT",
         "digest": format!("europe-west4-docker.pkg.dev/p/r/sidecar@sha256:{:064x}", 7),
@@ -197,6 +184,19 @@ async fn fan_out(binary: &Path) -> Result<()> {
         bail!("fan-out ran at {paced:.1}/s, above --max-restarts-per-second={FAN_OUT_RATE}");
     }
     Ok(())
+}
+
+/// A publisher to the emulator's `gcr` topic that sends each message at once (no batching
+/// delay, which would add to every push → PATCH figure).
+async fn gcr_publisher(emu: &Emulator) -> Result<google_cloud_pubsub::client::Publisher> {
+    Ok(BasePublisher::builder()
+        .with_endpoint(emu.endpoint())
+        .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build())
+        .build()
+        .await?
+        .publisher(emu.topic("gcr"))
+        .set_delay_threshold(Duration::ZERO)
+        .build())
 }
 
 /// The live view's figures, on a real API server (the fake cannot watch): freshness, and
@@ -242,19 +242,17 @@ async fn start_daemon(
     log: &Path,
 ) -> Result<(Daemon, Duration)> {
     let spec = DaemonSpec {
-        binary: binary.to_owned(),
-        pubsub_host: emu.host(),
-        subscription: emu.subscription("gcr-sub"),
-        dead_letter_topic: emu.topic("dlq"),
         kubeconfig: kubeconfig.to_owned(),
         cache_dir: cache.to_owned(),
-        metrics_addr: free_addr()?,
         log: log.to_owned(),
-        log_filter: "warn".into(),
         // The fake API server answers watches with 405: the daemon runs on its snapshot.
         // Unpaced: this measures the daemon's own speed (the fan-out row measures pacing).
-        args: vec!["--watch=false".into(), "--max-restarts-per-second=0".into()],
-        env: Vec::new(),
+        ..util::daemon_spec(
+            binary,
+            emu,
+            cache,
+            vec!["--watch=false".into(), "--max-restarts-per-second=0".into()],
+        )?
     };
     let mut daemon = Daemon::spawn(&spec)?;
     let ready = daemon
@@ -356,14 +354,7 @@ async fn bench(binary: &Path, binary_size: u64) -> Result<()> {
     }
 
     // Latency: steady publishing of matched events, one workload each.
-    let publisher = BasePublisher::builder()
-        .with_endpoint(emu.endpoint())
-        .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build())
-        .build()
-        .await?
-        .publisher(emu.topic("gcr"))
-        .set_delay_threshold(Duration::ZERO)
-        .build();
+    let publisher = gcr_publisher(&emu).await?;
     let mut sent: HashMap<String, Instant> = HashMap::new();
     let period = Duration::from_micros(1_000_000 / RATE_PER_SEC);
     let load_started = Instant::now();

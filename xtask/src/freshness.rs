@@ -77,19 +77,7 @@ pub async fn measure(binary: &Path) -> Result<Figures> {
     let tmp = tempfile::tempdir()?;
     let kubeconfig = tmp.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig)?;
-    let spec = DaemonSpec {
-        binary: binary.to_owned(),
-        pubsub_host: emu.host(),
-        subscription: emu.subscription("gcr-sub"),
-        dead_letter_topic: emu.topic("dlq"),
-        kubeconfig,
-        cache_dir: tmp.path().join("cache"),
-        metrics_addr: free_addr()?,
-        log: tmp.path().join("daemon.log"),
-        log_filter: "warn".into(),
-        args: Vec::new(),
-        env: Vec::new(),
-    };
+    let spec = crate::util::daemon_spec(binary, &emu, tmp.path(), Vec::new())?;
     let mut daemon = Daemon::spawn(&spec)?;
     daemon.wait_ready(Duration::from_secs(30)).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -228,19 +216,7 @@ pub async fn scale(binary: &Path, workloads: usize, images: usize) -> Result<Sca
     let tmp = tempfile::tempdir()?;
     let kubeconfig = tmp.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig)?;
-    let spec = DaemonSpec {
-        binary: binary.to_owned(),
-        pubsub_host: emu.host(),
-        subscription: emu.subscription("gcr-sub"),
-        dead_letter_topic: emu.topic("dlq"),
-        kubeconfig,
-        cache_dir: tmp.path().join("cache"),
-        metrics_addr: free_addr()?,
-        log: tmp.path().join("daemon.log"),
-        log_filter: "warn".into(),
-        args: Vec::new(),
-        env: Vec::new(),
-    };
+    let spec = crate::util::daemon_spec(binary, &emu, tmp.path(), Vec::new())?;
     let cold = start_watched(&spec, workloads).await?;
     // A second start, as a deployed daemon restarts: the first wrote the index to the cache
     // ConfigMap, so this one is ready on it and its watch lists in the background.

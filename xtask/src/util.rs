@@ -142,6 +142,30 @@ impl Steps {
     }
 }
 
+/// The daemon under measurement: against `emu`'s `gcr-sub` and `dlq`, with the kubeconfig
+/// `dir/kubeconfig`, the cache mount `dir/cache` (empty unless the caller fills it) and its log
+/// at WARN in `dir/daemon.log`.
+pub fn daemon_spec(
+    binary: &Path,
+    emu: &gar_testsupport::emulator::Emulator,
+    dir: &Path,
+    args: Vec<String>,
+) -> Result<gar_testsupport::daemon::DaemonSpec> {
+    Ok(gar_testsupport::daemon::DaemonSpec {
+        binary: binary.to_owned(),
+        pubsub_host: emu.host(),
+        subscription: emu.subscription("gcr-sub"),
+        dead_letter_topic: emu.topic("dlq"),
+        kubeconfig: dir.join("kubeconfig"),
+        cache_dir: dir.join("cache"),
+        metrics_addr: gar_testsupport::daemon::free_addr()?,
+        log: dir.join("daemon.log"),
+        log_filter: "warn".into(),
+        args,
+        env: Vec::new(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
