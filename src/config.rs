@@ -248,8 +248,9 @@ pub struct RunArgs {
           action = clap::ArgAction::Set)]
     pub watch: bool,
 
-    /// How long after start-up events wait for the watch's first list before falling back to
-    /// the snapshot index (a miss is authoritative only once the list is done).
+    /// How long events wait for the watch's list, after start-up and after a watch failure
+    /// (until its relist), before falling back to the snapshot index (a miss is authoritative
+    /// only once the list is done).
     #[arg(long, env = "GAR_RESTARTER_WATCH_SYNC_TIMEOUT", value_name = "DURATION",
           default_value = "10s", value_parser = parse_duration)]
     pub watch_sync_timeout: Duration,
