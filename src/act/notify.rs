@@ -40,7 +40,7 @@ pub struct Record {
     pub image: String,
     pub digest: Option<String>,
     pub strategy: &'static str,
-    /// A restart: `restarted`; a rollout: `succeeded`, `failed` or `timed_out`.
+    /// A restart: `restarted` or `pinned`; a rollout: `succeeded`, `failed` or `timed_out`.
     pub result: &'static str,
     pub message_id: String,
     /// The push's publish time (RFC 3339).

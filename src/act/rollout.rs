@@ -287,12 +287,10 @@ impl Rollouts {
     pub fn sweep(&self, now: Instant) {
         let expired: Vec<Tracked> = {
             let mut map = lock(&self.tracked);
-            let keys: Vec<Key> = map
-                .iter()
-                .filter(|(_, t)| t.deadline <= now)
-                .map(|(k, _)| k.clone())
+            let out = map
+                .extract_if(|_, t| t.deadline <= now)
+                .map(|(_, t)| t)
                 .collect();
-            let out = keys.iter().filter_map(|k| map.remove(k)).collect();
             self.metrics.rollouts_tracked.set(map.len() as i64);
             out
         };
