@@ -16,7 +16,8 @@ use gar_restarter::index::live::{Change, LiveView, StreamId};
 use gar_restarter::index::lookup::SharedIndex;
 use gar_restarter::index::table::Index;
 use gar_restarter::index::workload::{
-    ContainerImage, RestartRecord, RolloutStatus, WorkloadKind, WorkloadRef, WorkloadState,
+    ContainerImage, PullPolicy, RestartRecord, RolloutStatus, WorkloadKind, WorkloadRef,
+    WorkloadState,
 };
 use gar_restarter::ingest::event::{self, Event};
 use gar_restarter::ingest::image::ImageRef;
@@ -144,10 +145,10 @@ fn workload(i: usize, images: usize, v: usize) -> WorkloadState {
         workload: w,
         containers: (0..images)
             .map(|j| ContainerImage {
-                container: format!("c{j}"),
+                container: format!("c{j}").into(),
                 init: false,
                 image: ImageRef::parse(&fixtures::image(i, j + v)).ok(),
-                pull_policy: Some("IfNotPresent".into()),
+                pull_policy: Some(PullPolicy::IfNotPresent),
                 // Fully spelled, like every GAR image: not stored twice.
                 written: None,
             })

@@ -14,8 +14,9 @@ use gar_restarter::act::restart::{Restarter, RestarterConfig, RetryPolicy};
 use gar_restarter::cluster::api_metrics::ApiMetricsLayer;
 use gar_restarter::index::live::{Change, LiveView, StreamId};
 use gar_restarter::index::lookup::SharedIndex;
+use gar_restarter::index::object::{Deployments, Object};
 use gar_restarter::index::table::{Index, Scope};
-use gar_restarter::index::workload::{Workload as _, WorkloadKind, WorkloadRef};
+use gar_restarter::index::workload::{WorkloadKind, WorkloadRef};
 use gar_restarter::ingest::image::ImageRef;
 use gar_restarter::ingest::inbound::Inbound;
 use gar_restarter::ops::metrics::Metrics;
@@ -26,7 +27,6 @@ use gar_restarter::settle::{AckHandle, Settled, Settler};
 use gar_testsupport::kube_api::KubeApi;
 use gar_testsupport::objects::deployment;
 use gar_testsupport::traffic::Recording;
-use k8s_openapi::api::apps::v1::Deployment;
 use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use tokio_util::sync::CancellationToken;
@@ -90,8 +90,8 @@ fn relist(api: &KubeApi, view: &LiveView) {
     view.apply(&stream, Change::ListStarted);
     for (ns, name) in [("prod", "api"), ("staging", "api"), ("prod", "old")] {
         let obj = api.get("deployments", ns, name).expect("seeded");
-        let d: Deployment = serde_json::from_value(obj).expect("a Deployment");
-        view.apply(&stream, Change::Listed(d.state().expect("state")));
+        let d: Object<Deployments> = serde_json::from_value(obj).expect("a Deployment");
+        view.apply(&stream, Change::Listed(d.into_state().expect("state")));
     }
     view.apply(&stream, Change::ListDone);
 }

@@ -197,7 +197,7 @@ fn plan(state: &WorkloadState, push: &Push, strategy: Strategy) -> Result<Plan, 
             let pins: Vec<Pin> = matching
                 .iter()
                 .map(|c| Pin {
-                    container: c.container.clone(),
+                    container: c.container.to_string(),
                     init: c.init,
                     image: pinned_image(c.spelled().unwrap_or(push.image.as_str()), tag, digest),
                 })
@@ -227,9 +227,9 @@ fn plan(state: &WorkloadState, push: &Push, strategy: Strategy) -> Result<Plan, 
                 .iter()
                 .filter_map(|c| {
                     let written = c.spelled().unwrap_or(push.image.as_str());
-                    let policy = effective_pull_policy(written, c.pull_policy.as_deref());
+                    let policy = effective_pull_policy(written, c.pull_policy);
                     policy.may_reuse_cached().then(|| StaleRisk {
-                        container: c.container.clone(),
+                        container: c.container.to_string(),
                         policy,
                     })
                 })
@@ -315,7 +315,7 @@ mod tests {
             container: name.into(),
             init,
             image: crate::ingest::image::index_key(image),
-            pull_policy: Some(policy.into()),
+            pull_policy: PullPolicy::declared(policy),
             written: Some(image.into()),
         }
     }

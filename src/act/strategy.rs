@@ -5,6 +5,8 @@ use std::fmt;
 
 use clap::ValueEnum;
 
+pub use crate::index::workload::PullPolicy;
+
 /// Per workload, `gar-restarter/strategy` on its metadata; `--strategy` is the default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
 pub enum Strategy {
@@ -44,40 +46,14 @@ impl fmt::Display for Strategy {
     }
 }
 
-/// A container's `imagePullPolicy`, after Kubernetes' defaulting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PullPolicy {
-    Always,
-    IfNotPresent,
-    Never,
-}
-
-impl PullPolicy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PullPolicy::Always => "Always",
-            PullPolicy::IfNotPresent => "IfNotPresent",
-            PullPolicy::Never => "Never",
-        }
-    }
-
-    /// Whether a restart can start an image the node already has under the same tag.
-    pub fn may_reuse_cached(self) -> bool {
-        !matches!(self, PullPolicy::Always)
-    }
-}
-
-/// The policy the kubelet applies to `image` (as the pod spec writes it) with `policy` set or
-/// not, by Kubernetes' defaulting (`SetDefaults_Container`): unset means `Always` when the tag
-/// is `latest` or there is neither tag nor digest, else `IfNotPresent`. An unknown value is
-/// taken as `IfNotPresent`, the API server's own fallback being a validation error.
-pub fn effective_pull_policy(image: &str, policy: Option<&str>) -> PullPolicy {
-    match policy.map(str::trim) {
-        Some("Always") => PullPolicy::Always,
-        Some("Never") => PullPolicy::Never,
-        Some("IfNotPresent") => PullPolicy::IfNotPresent,
-        Some(p) if !p.is_empty() => PullPolicy::IfNotPresent,
-        _ => {
+/// The policy the kubelet applies to `image` (as the pod spec writes it) with `declared` (see
+/// [`PullPolicy::declared`]) set or not, by Kubernetes' defaulting (`SetDefaults_Container`):
+/// unset means `Always` when the tag is `latest` or there is neither tag nor digest, else
+/// `IfNotPresent`.
+pub fn effective_pull_policy(image: &str, declared: Option<PullPolicy>) -> PullPolicy {
+    match declared {
+        Some(p) => p,
+        None => {
             let (name, digest) = match image.trim().split_once('@') {
                 Some((n, d)) => (n, Some(d)),
                 None => (image.trim(), None),
@@ -135,10 +111,12 @@ mod tests {
             ("gcr.io/p/app:v1", Some("Always"), Always),
             ("gcr.io/p/app:latest", Some("IfNotPresent"), IfNotPresent),
             ("nginx", Some("Never"), Never),
+            ("nginx", Some(" Never "), Never),
+            ("nginx", Some("Sometimes"), IfNotPresent),
         ];
         for (image, policy, want) in cases {
             assert_eq!(
-                effective_pull_policy(image, policy),
+                effective_pull_policy(image, policy.and_then(PullPolicy::declared)),
                 want,
                 "{image} {policy:?}"
             );

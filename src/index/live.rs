@@ -291,7 +291,14 @@ fn upsert(st: &mut State, key: Key, w: WorkloadState) {
     }
     remove(st, &key);
     for image in images {
-        st.by_image.entry(image).or_default().push(key.clone());
+        let holders = st.by_image.entry(image).or_default();
+        // Most images are run by one workload or a few: grow those lists one slot at a time
+        // rather than to the four a `Vec`'s first push reserves (at 50,000 images, that
+        // spare capacity alone was 7 MiB). Longer lists grow as usual.
+        if holders.len() < 4 {
+            holders.reserve_exact(1);
+        }
+        holders.push(key.clone());
     }
     st.workloads.insert(key, Arc::new(w));
 }
@@ -322,11 +329,11 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(i, image)| ContainerImage {
-                    container: format!("c{i}"),
+                    container: format!("c{i}").into(),
                     init: false,
                     image: ImageRef::parse(image).ok(),
                     pull_policy: None,
-                    written: Some(image.to_string()),
+                    written: Some((*image).into()),
                 })
                 .collect(),
             paused: false,

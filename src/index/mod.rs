@@ -8,6 +8,7 @@ pub mod cache;
 pub mod check;
 pub mod live;
 pub mod lookup;
+pub mod object;
 pub mod scan;
 pub mod table;
 pub mod watch;

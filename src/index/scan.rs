@@ -2,18 +2,13 @@
 //! Used at start-up when neither the mount nor the ConfigMap has an index, and as the
 //! periodic safety net.
 
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::PodSpec;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Client;
 use kube::api::{Api, ListParams};
-use kube::{Client, Resource};
-use serde::de::DeserializeOwned;
 
 use crate::cluster::ClusterError;
+use crate::index::object::{DaemonSets, Deployments, Kind, Object, StatefulSets};
 use crate::index::table::{Index, Scope};
-use crate::index::workload::{
-    ENABLED_ANNOTATION, WorkloadKind, WorkloadRef, enabled, template_images,
-};
+use crate::index::workload::{WorkloadRef, WorkloadState};
 use crate::ingest::image::ImageRef;
 
 /// Page size for LISTs: big enough to keep round trips few, small enough for the API server.
@@ -24,34 +19,9 @@ pub const LIST_PAGE: u32 = 500;
 /// Workloads annotated `gar-restarter/enabled: "false"` are left out.
 pub async fn scan(client: &Client, scope: &Scope) -> Result<Index, ClusterError> {
     let mut entries = Vec::new();
-    scan_kind::<Deployment>(client, scope, WorkloadKind::Deployment, &mut entries, |d| {
-        let spec = d.spec.as_ref();
-        (
-            spec.and_then(|s| s.template.spec.as_ref()),
-            spec.and_then(|s| s.paused).unwrap_or(false),
-        )
-    })
-    .await?;
-    scan_kind::<StatefulSet>(
-        client,
-        scope,
-        WorkloadKind::StatefulSet,
-        &mut entries,
-        |s| {
-            (
-                s.spec.as_ref().and_then(|s| s.template.spec.as_ref()),
-                false,
-            )
-        },
-    )
-    .await?;
-    scan_kind::<DaemonSet>(client, scope, WorkloadKind::DaemonSet, &mut entries, |d| {
-        (
-            d.spec.as_ref().and_then(|s| s.template.spec.as_ref()),
-            false,
-        )
-    })
-    .await?;
+    scan_kind::<Deployments>(client, scope, &mut entries).await?;
+    scan_kind::<StatefulSets>(client, scope, &mut entries).await?;
+    scan_kind::<DaemonSets>(client, scope, &mut entries).await?;
     Ok(Index::build(
         entries,
         scope.clone(),
@@ -59,21 +29,15 @@ pub async fn scan(client: &Client, scope: &Scope) -> Result<Index, ClusterError>
     ))
 }
 
-async fn scan_kind<K>(
+/// Lists one kind page by page, decoded into [`Object`]s (only the fields the index needs),
+/// the same way the watch decodes them, so that both index a pod template alike.
+async fn scan_kind<K: Kind>(
     client: &Client,
     scope: &Scope,
-    kind: WorkloadKind,
     out: &mut Vec<(WorkloadRef, Vec<ImageRef>)>,
-    template: impl Fn(&K) -> (Option<&PodSpec>, bool),
-) -> Result<(), ClusterError>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug,
-    K::DynamicType: Default,
-{
-    let apis: Vec<(Api<K>, String)> = if scope.namespaces.is_empty() {
+) -> Result<(), ClusterError> {
+    let kind = K::KIND;
+    let apis: Vec<(Api<Object<K>>, String)> = if scope.namespaces.is_empty() {
         vec![(Api::all(client.clone()), String::new())]
     } else {
         scope
@@ -98,40 +62,34 @@ where
                 scope: where_.clone(),
                 source,
             })?;
-            for item in &page.items {
-                let meta: &ObjectMeta = item.meta();
-                if !wanted(meta, scope.opt_in) {
-                    continue;
+            let next = page.metadata.continue_.filter(|t| !t.is_empty());
+            for state in page.items.into_iter().filter_map(Object::into_state) {
+                if let Some(entry) = entry(state, scope.opt_in) {
+                    out.push(entry);
                 }
-                let (Some(ns), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref())
-                else {
-                    continue;
-                };
-                let (spec, paused) = template(item);
-                let (images, invalid) = template_images(spec);
-                for image in invalid {
-                    tracing::warn!(workload = %format!("{kind} {ns}/{name}"), image, "skipping unparseable image reference");
-                }
-                if images.is_empty() {
-                    continue;
-                }
-                let mut w = WorkloadRef::new(kind, ns, name);
-                w.paused = paused;
-                out.push((w, images));
             }
-            match page.metadata.continue_.as_deref() {
-                Some(token) if !token.is_empty() => lp = lp.continue_token(token),
-                _ => break,
+            match next {
+                Some(token) => lp = lp.continue_token(&token),
+                None => break,
             }
         }
     }
     Ok(())
 }
 
-fn wanted(meta: &ObjectMeta, opt_in: bool) -> bool {
-    let flag = meta
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ENABLED_ANNOTATION));
-    enabled(flag.map(String::as_str), opt_in)
+/// The index entry of an enabled workload that runs at least one tag; unparseable images
+/// are logged and left out.
+fn entry(state: WorkloadState, opt_in: bool) -> Option<(WorkloadRef, Vec<ImageRef>)> {
+    if !state.enabled(opt_in) {
+        return None;
+    }
+    for c in &state.containers {
+        if let (None, Some(image)) = (&c.image, &c.written)
+            && ImageRef::parse(image).is_err()
+        {
+            tracing::warn!(workload = %state.workload, container = %c.container, image, "skipping unparseable image reference");
+        }
+    }
+    let images = state.images();
+    (!images.is_empty()).then_some((state.workload, images))
 }

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use kube::Client;
 use kube::api::Api;
 use kube::runtime::watcher as watch_stream;
@@ -24,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::status_code;
 use crate::index::live::{Change, LiveView, StreamId, key_of};
-use crate::index::workload::{Workload, WorkloadKind};
+use crate::index::object::{DaemonSets, Deployments, Kind, Object, StatefulSets};
+use crate::index::workload::WorkloadKind;
 use crate::ops::metrics::{Metrics, StreamLabels};
 
 pub struct WatchConfig {
@@ -52,9 +52,9 @@ pub fn spawn(
             stream,
         };
         match ctx.stream.kind {
-            WorkloadKind::Deployment => tokio::spawn(ctx.run::<Deployment>()),
-            WorkloadKind::StatefulSet => tokio::spawn(ctx.run::<StatefulSet>()),
-            WorkloadKind::DaemonSet => tokio::spawn(ctx.run::<DaemonSet>()),
+            WorkloadKind::Deployment => tokio::spawn(ctx.run::<Deployments>()),
+            WorkloadKind::StatefulSet => tokio::spawn(ctx.run::<StatefulSets>()),
+            WorkloadKind::DaemonSet => tokio::spawn(ctx.run::<DaemonSets>()),
         };
     }
 }
@@ -69,7 +69,7 @@ struct StreamContext {
 }
 
 impl StreamContext {
-    fn api<K: Workload>(&self) -> Api<K> {
+    fn api<K: Kind>(&self) -> Api<Object<K>> {
         match &self.stream.namespace {
             Some(ns) => Api::namespaced(self.client.clone(), ns),
             None => Api::all(self.client.clone()),
@@ -83,7 +83,7 @@ impl StreamContext {
         }
     }
 
-    async fn run<K: Workload>(self) {
+    async fn run<K: Kind>(self) {
         let labels = StreamLabels {
             kind: self.stream.kind.plural(),
         };
@@ -120,7 +120,7 @@ impl StreamContext {
 
     /// One watcher stream, from its list until it fails, the periodic relist is due, or
     /// shutdown.
-    async fn stream_once<K: Workload>(
+    async fn stream_once<K: Kind>(
         &self,
         cfg: &watcher::Config,
         labels: &StreamLabels,
@@ -206,12 +206,12 @@ fn start_gone(e: &watcher::Error) -> bool {
     matches!(e, watcher::Error::WatchStartFailed(err) if status_code(err) == Some(410))
 }
 
-fn change_of<K: Workload>(event: Event<K>) -> Option<Change> {
+fn change_of<K: Kind>(event: Event<Object<K>>) -> Option<Change> {
     Some(match event {
         Event::Init => Change::ListStarted,
-        Event::InitApply(obj) => Change::Listed(obj.state()?),
+        Event::InitApply(obj) => Change::Listed(obj.into_state()?),
         Event::InitDone => Change::ListDone,
-        Event::Apply(obj) => Change::Applied(obj.state()?),
-        Event::Delete(obj) => Change::Deleted(key_of(&obj.state()?.workload)),
+        Event::Apply(obj) => Change::Applied(obj.into_state()?),
+        Event::Delete(obj) => Change::Deleted(key_of(&obj.into_state()?.workload)),
     })
 }

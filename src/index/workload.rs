@@ -3,15 +3,15 @@
 use std::fmt;
 use std::sync::Arc;
 
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{PodSpec, PodTemplateSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::ingest::image::{ImageRef, index_key};
+use crate::ingest::image::ImageRef;
 
+/// Every annotation gar-restarter reads or writes starts with this; the others are not
+/// even decoded (see [`object`](crate::index::object)).
+pub const ANNOTATION_PREFIX: &str = "gar-restarter/";
 /// Annotation on a workload that opts it out of indexing (and so of restarts).
 pub const ENABLED_ANNOTATION: &str = "gar-restarter/enabled";
 /// Annotation on a workload that picks how it is restarted (`restart` or `pin-digest`);
@@ -113,8 +113,9 @@ pub struct RestartRecord {
 }
 
 impl RestartRecord {
-    fn from_annotations(annotations: Option<&std::collections::BTreeMap<String, String>>) -> Self {
-        let get = |k: &str| annotations.and_then(|a| a.get(k)).map(|v| v.trim());
+    /// From the pod template's annotations.
+    pub fn from_annotations(annotations: &std::collections::BTreeMap<String, String>) -> Self {
+        let get = |k: &str| annotations.get(k).map(|v| v.trim());
         Self {
             image: get(IMAGE_ANNOTATION)
                 .and_then(|v| ImageRef::parse(v).ok())
@@ -136,20 +137,58 @@ pub fn enabled(flag: Option<&str>, opt_in: bool) -> bool {
     }
 }
 
-/// One container's image as the pod template has it.
+/// A container's `imagePullPolicy`: as declared ([`PullPolicy::declared`]), or after
+/// Kubernetes' defaulting (`act::strategy::effective_pull_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    /// A declared `imagePullPolicy`; `None` when it is unset (or empty), so that defaulting
+    /// applies. An unknown value is taken as `IfNotPresent`: the API server rejects one, so
+    /// only a hand-made object can carry it.
+    pub fn declared(value: &str) -> Option<PullPolicy> {
+        match value.trim() {
+            "" => None,
+            "Always" => Some(PullPolicy::Always),
+            "Never" => Some(PullPolicy::Never),
+            _ => Some(PullPolicy::IfNotPresent),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+
+    /// Whether a restart can start an image the node already has under the same tag.
+    pub fn may_reuse_cached(self) -> bool {
+        !matches!(self, PullPolicy::Always)
+    }
+}
+
+/// One container's image as the pod template has it. Tens of thousands of these live in the
+/// view, so the strings are boxed (no spare capacity) and the policy is an enum.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerImage {
-    pub container: String,
+    pub container: Box<str>,
     pub init: bool,
     /// The normalised tag reference it is indexed under (see [`index_key`]): `repo:tag@…`
     /// keeps its tag; `None` for `repo@sha256:…` (pinned by hand) or unparseable images.
     pub image: Option<ImageRef>,
-    pub pull_policy: Option<String>,
+    /// As declared; `None`: unset, Kubernetes' defaulting applies.
+    pub pull_policy: Option<PullPolicy>,
     /// The image exactly as the pod template writes it, when that differs from `image`'s
     /// normalised form (`None`: the same, as for every fully spelled GAR image, so the live
     /// view holds no second copy): pin-digest keeps its spelling, and the pull-policy
     /// defaults read its tag.
-    pub written: Option<String>,
+    pub written: Option<Box<str>>,
 }
 
 impl ContainerImage {
@@ -236,227 +275,11 @@ impl WorkloadState {
         }
         out
     }
-
-    fn from_parts(
-        kind: WorkloadKind,
-        meta: &ObjectMeta,
-        template: &PodTemplateSpec,
-        paused: bool,
-        status: RolloutStatus,
-    ) -> Option<Self> {
-        let namespace = meta.namespace.as_deref()?;
-        let name = meta.name.as_deref()?;
-        let mut workload = WorkloadRef::new(kind, namespace, name);
-        workload.paused = paused;
-        let containers = template
-            .spec
-            .iter()
-            .flat_map(|s| {
-                let init = s.init_containers.iter().flatten().map(|c| (c, true));
-                s.containers.iter().map(|c| (c, false)).chain(init)
-            })
-            .map(|(c, init)| {
-                let image = c.image.as_deref().and_then(index_key);
-                let written = c
-                    .image
-                    .clone()
-                    .filter(|w| image.as_ref().is_none_or(|i| i.as_str() != w));
-                ContainerImage {
-                    container: c.name.clone(),
-                    init,
-                    image,
-                    pull_policy: c.image_pull_policy.clone(),
-                    written,
-                }
-            })
-            .collect();
-        Some(Self {
-            workload,
-            containers,
-            paused,
-            annotations_enabled: meta
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(ENABLED_ANNOTATION))
-                .cloned(),
-            strategy: meta
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(STRATEGY_ANNOTATION))
-                .cloned(),
-            last_restart: RestartRecord::from_annotations(
-                template
-                    .metadata
-                    .as_ref()
-                    .and_then(|m| m.annotations.as_ref()),
-            ),
-            resource_version: meta.resource_version.clone(),
-            uid: meta.uid.clone(),
-            generation: meta.generation.unwrap_or(0),
-            status,
-        })
-    }
-}
-
-/// A workload kind the live view watches.
-pub trait Workload:
-    kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-    + Clone
-    + serde::de::DeserializeOwned
-    + fmt::Debug
-    + Send
-    + Sync
-    + 'static
-{
-    const KIND: WorkloadKind;
-    /// `None` for an object without a namespace or name (never served by a real API server).
-    fn state(&self) -> Option<WorkloadState>;
-}
-
-impl Workload for Deployment {
-    const KIND: WorkloadKind = WorkloadKind::Deployment;
-    fn state(&self) -> Option<WorkloadState> {
-        let spec = self.spec.as_ref()?;
-        let st = self.status.as_ref();
-        let status = RolloutStatus {
-            observed_generation: st.and_then(|s| s.observed_generation).unwrap_or(0),
-            desired: spec.replicas.unwrap_or(1),
-            replicas: st.and_then(|s| s.replicas).unwrap_or(0),
-            updated_replicas: st.and_then(|s| s.updated_replicas).unwrap_or(0),
-            available_replicas: st.and_then(|s| s.available_replicas).unwrap_or(0),
-            progressing_reason: st
-                .and_then(|s| s.conditions.as_ref())
-                .and_then(|cs| cs.iter().find(|c| c.type_ == "Progressing"))
-                .and_then(|c| c.reason.clone()),
-            progress_deadline_seconds: spec.progress_deadline_seconds,
-            ..RolloutStatus::default()
-        };
-        WorkloadState::from_parts(
-            Self::KIND,
-            &self.metadata,
-            &spec.template,
-            spec.paused.unwrap_or(false),
-            status,
-        )
-    }
-}
-
-impl Workload for StatefulSet {
-    const KIND: WorkloadKind = WorkloadKind::StatefulSet;
-    fn state(&self) -> Option<WorkloadState> {
-        let spec = self.spec.as_ref()?;
-        let st = self.status.as_ref();
-        let strategy = spec.update_strategy.as_ref();
-        let status = RolloutStatus {
-            observed_generation: st.and_then(|s| s.observed_generation).unwrap_or(0),
-            desired: spec.replicas.unwrap_or(1),
-            replicas: st.map(|s| s.replicas).unwrap_or(0),
-            updated_replicas: st.and_then(|s| s.updated_replicas).unwrap_or(0),
-            available_replicas: st.and_then(|s| s.available_replicas).unwrap_or(0),
-            ready_replicas: st.and_then(|s| s.ready_replicas).unwrap_or(0),
-            partition: strategy
-                .and_then(|u| u.rolling_update.as_ref())
-                .and_then(|r| r.partition),
-            update_revision: st.and_then(|s| s.update_revision.clone()),
-            current_revision: st.and_then(|s| s.current_revision.clone()),
-            on_delete: strategy.and_then(|u| u.type_.as_deref()) == Some("OnDelete"),
-            ..RolloutStatus::default()
-        };
-        WorkloadState::from_parts(Self::KIND, &self.metadata, &spec.template, false, status)
-    }
-}
-
-impl Workload for DaemonSet {
-    const KIND: WorkloadKind = WorkloadKind::DaemonSet;
-    fn state(&self) -> Option<WorkloadState> {
-        let spec = self.spec.as_ref()?;
-        let st = self.status.as_ref();
-        let status = RolloutStatus {
-            observed_generation: st.and_then(|s| s.observed_generation).unwrap_or(0),
-            desired: st.map(|s| s.desired_number_scheduled).unwrap_or(0),
-            updated_replicas: st.and_then(|s| s.updated_number_scheduled).unwrap_or(0),
-            available_replicas: st.and_then(|s| s.number_available).unwrap_or(0),
-            on_delete: spec
-                .update_strategy
-                .as_ref()
-                .and_then(|u| u.type_.as_deref())
-                == Some("OnDelete"),
-            ..RolloutStatus::default()
-        };
-        WorkloadState::from_parts(Self::KIND, &self.metadata, &spec.template, false, status)
-    }
-}
-
-/// Normalised tag references of every container and init container in a pod template.
-///
-/// Digest-pinned images are left out: a push of a tag can never change what they run.
-/// Unparseable images are returned separately so the caller can log them.
-pub fn template_images(spec: Option<&PodSpec>) -> (Vec<ImageRef>, Vec<String>) {
-    let mut images = Vec::new();
-    let mut invalid = Vec::new();
-    let Some(spec) = spec else {
-        return (images, invalid);
-    };
-    let containers = spec
-        .containers
-        .iter()
-        .chain(spec.init_containers.iter().flatten());
-    for c in containers {
-        let Some(image) = c.image.as_deref() else {
-            continue;
-        };
-        match ImageRef::parse(image) {
-            Ok(r) if r.tag().is_some() => {
-                if !images.contains(&r) {
-                    images.push(r);
-                }
-            }
-            Ok(_) => {}
-            Err(_) => invalid.push(image.to_string()),
-        }
-    }
-    (images, invalid)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::Container;
-
-    fn container(image: &str) -> Container {
-        Container {
-            name: "c".into(),
-            image: Some(image.into()),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn images_include_init_containers_and_skip_digests() {
-        let spec = PodSpec {
-            containers: vec![
-                container("nginx"),
-                container(
-                    "gcr.io/p/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
-                ),
-                container("nginx:latest"),
-                container("Not Valid"),
-            ],
-            init_containers: Some(vec![container("busybox:1.36")]),
-            ..Default::default()
-        };
-        let (images, invalid) = template_images(Some(&spec));
-        let got: Vec<&str> = images.iter().map(ImageRef::as_str).collect();
-        assert_eq!(
-            got,
-            vec![
-                "docker.io/library/nginx:latest",
-                "docker.io/library/busybox:1.36"
-            ]
-        );
-        assert_eq!(invalid, vec!["Not Valid"]);
-    }
-
     #[test]
     fn workload_ref_json_defaults_to_deployment() {
         let w: WorkloadRef =
@@ -473,50 +296,5 @@ mod tests {
             serde_json::from_str(r#"{"kind":"StatefulSet","name":"db","namespace":"x","extra":1}"#)
                 .unwrap();
         assert_eq!(s.kind, WorkloadKind::StatefulSet);
-    }
-
-    #[test]
-    fn a_tag_pinned_by_digest_stays_indexed_under_its_tag() {
-        let d = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-        let mut pinned = container(&format!("gcr.io/p/app:v1@{d}"));
-        pinned.name = "app".into();
-        let mut by_hand = container(&format!("gcr.io/p/tool@{d}"));
-        by_hand.name = "tool".into();
-        let spec = PodSpec {
-            containers: vec![pinned, by_hand],
-            ..Default::default()
-        };
-        let deployment = Deployment {
-            metadata: ObjectMeta {
-                name: Some("web".into()),
-                namespace: Some("apps".into()),
-                annotations: Some(
-                    [(STRATEGY_ANNOTATION.to_string(), "pin-digest".to_string())].into(),
-                ),
-                ..Default::default()
-            },
-            spec: Some(k8s_openapi::api::apps::v1::DeploymentSpec {
-                template: PodTemplateSpec {
-                    metadata: None,
-                    spec: Some(spec),
-                },
-                ..Default::default()
-            }),
-            status: None,
-        };
-        let state = deployment.state().unwrap();
-        let images: Vec<String> = state
-            .images()
-            .iter()
-            .map(|i| i.as_str().to_string())
-            .collect();
-        assert_eq!(images, ["gcr.io/p/app:v1"]);
-        assert_eq!(state.strategy.as_deref(), Some("pin-digest"));
-        assert!(state.containers[0].digest_pinned());
-        assert_eq!(
-            state.containers[0].spelled(),
-            Some(format!("gcr.io/p/app:v1@{d}").as_str())
-        );
-        assert_eq!(state.containers[1].image, None, "no tag: pinned by hand");
     }
 }

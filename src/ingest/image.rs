@@ -14,6 +14,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// Docker caps the name (domain + path) at 255 characters.
 const MAX_NAME_LEN: usize = 255;
@@ -32,12 +33,13 @@ pub enum ImageRefError {
 
 /// A fully normalised image reference, e.g. `docker.io/library/nginx:latest`.
 ///
-/// Only the canonical string is stored; name, tag and digest are slices of it. One allocation
-/// per reference keeps parse + normalise + lookup of a GAR message within its 2 µs budget.
+/// Only the canonical string is stored; name, tag and digest are slices of it. It is shared
+/// (`Arc<str>`): the live view holds each reference in the container that runs it and again
+/// as its map key, and a clone costs a reference count, not a copy.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ImageRef {
     /// `registry/repository` followed by `:tag` or `@digest`: the index key on the hot path.
-    canonical: String,
+    canonical: Arc<str>,
     /// Length of `registry/repository`; the separator (`:` or `@`) follows it.
     name_len: usize,
 }
@@ -188,7 +190,7 @@ impl<'a> Parsed<'a> {
         canonical.push(separator);
         canonical.push_str(target);
         ImageRef {
-            canonical,
+            canonical: Arc::from(canonical),
             name_len,
         }
     }

@@ -130,6 +130,9 @@ pub struct Metrics {
     pub watch_errors: Family<StreamLabels, Counter>,
     /// 1 once every watch stream has listed: lookups and decisions use the live view.
     pub watch_synced: Gauge,
+    /// The allocator's view of the heap, read at each scrape: what explains the RSS.
+    pub heap_in_use: Gauge,
+    pub heap_free: Gauge,
     pub rollouts: Family<RolloutLabels, Counter>,
     pub push_to_rollout_seconds: Histogram,
     pub rollouts_dropped: Family<ReasonLabels, Counter>,
@@ -177,6 +180,8 @@ impl Metrics {
             watch_events: Family::default(),
             watch_errors: Family::default(),
             watch_synced: Gauge::default(),
+            heap_in_use: Gauge::default(),
+            heap_free: Gauge::default(),
             rollouts: Family::default(),
             // 0.5 s … ~2.6 h: a rollout takes seconds to the progress deadline and beyond.
             push_to_rollout_seconds: Histogram::new(exponential_buckets(0.5, 1.8, 16)),
@@ -303,6 +308,16 @@ impl Metrics {
             m.watch_synced.clone(),
         );
         registry.register(
+            "heap_in_use_bytes",
+            "Heap bytes allocated and in use (glibc's mallinfo2), read at scrape",
+            m.heap_in_use.clone(),
+        );
+        registry.register(
+            "heap_free_bytes",
+            "Heap bytes freed but still held by the allocator (glibc's mallinfo2: not returned to the kernel), read at scrape",
+            m.heap_free.clone(),
+        );
+        registry.register(
             "rollouts",
             "Rollouts followed to their end after a restart, by kind and result (succeeded, failed: ProgressDeadlineExceeded, timed_out)",
             m.rollouts.clone(),
@@ -400,6 +415,10 @@ impl Metrics {
         if loaded > 0 {
             self.index_age_seconds
                 .set((unix_now() - loaded).max(0) as f64);
+        }
+        if let Some(heap) = crate::util::heap::stats() {
+            self.heap_in_use.set(heap.in_use as i64);
+            self.heap_free.set(heap.free as i64);
         }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {

@@ -56,6 +56,9 @@ pub struct Args {
     /// scale), without the end-to-end run on the fake API.
     #[arg(long)]
     live_only: bool,
+    /// With `--live-only`: only the watch at scale, without the freshness run.
+    #[arg(long, requires = "live_only")]
+    scale_only: bool,
     /// Deployments the watch-at-scale run creates and watches (5 images each); 0 skips it.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     watched: usize,
@@ -66,6 +69,7 @@ pub fn run(args: Args) -> Result<()> {
         binary,
         measure_only,
         live_only,
+        scale_only,
         watched,
     } = args;
     let root = util::repo_root();
@@ -84,6 +88,9 @@ pub fn run(args: Args) -> Result<()> {
             cmd.args(["bench", "--measure-only", "--watched", &watched.to_string()]);
             if live_only {
                 cmd.arg("--live-only");
+            }
+            if scale_only {
+                cmd.arg("--scale-only");
             }
             if let Some(b) = &binary {
                 cmd.arg("--binary").arg(b);
@@ -104,7 +111,7 @@ pub fn run(args: Args) -> Result<()> {
             bench(&binary, size).await?;
             fan_out(&binary).await?;
         }
-        live(&binary, watched).await
+        live(&binary, watched, scale_only).await
     })
 }
 
@@ -201,17 +208,19 @@ async fn gcr_publisher(emu: &Emulator) -> Result<google_cloud_pubsub::client::Pu
 
 /// The live view's figures, on a real API server (the fake cannot watch): freshness, and
 /// start-up and memory with `watched` Deployments watched.
-async fn live(binary: &Path, watched: usize) -> Result<()> {
-    let fresh = crate::freshness::measure(binary).await?;
-    for (change, p50, p99, max) in &fresh.rows {
+async fn live(binary: &Path, watched: usize, scale_only: bool) -> Result<()> {
+    if !scale_only {
+        let fresh = crate::freshness::measure(binary).await?;
+        for (change, p50, p99, max) in &fresh.rows {
+            println!(
+                "| live view freshness: {change} (real kube-apiserver, write accepted → watch event applied) | p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms |"
+            );
+        }
         println!(
-            "| live view freshness: {change} (real kube-apiserver, write accepted → watch event applied) | p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms |"
+            "| LISTs while those changes were applied (steady state) | {} |",
+            fresh.lists_in_steady_state
         );
     }
-    println!(
-        "| LISTs while those changes were applied (steady state) | {} |",
-        fresh.lists_in_steady_state
-    );
     if watched > 0 {
         let s = crate::freshness::scale(binary, watched, IMAGES_PER_WORKLOAD).await?;
         for (start, f) in [
@@ -219,12 +228,16 @@ async fn live(binary: &Path, watched: usize) -> Result<()> {
             ("next start, from the cache ConfigMap", &s.warm),
         ] {
             println!(
-                "| watch at scale: {} Deployments / {} refs on a real kube-apiserver, {start} | start → ready {:.2} s, start → watch listed {:.2} s, VmRSS {:.1} MiB, VmHWM {:.1} MiB |",
+                "| watch at scale: {} Deployments / {} refs on a real kube-apiserver, {start} | start → ready {:.2} s, start → watch listed {:.2} s, VmRSS {:.1} MiB (heap and stacks {:.1}, binary and libraries {:.1}; heap in use {:.1}, freed but held {:.1}), VmHWM {:.1} MiB |",
                 s.workloads,
                 s.refs,
                 f.ready.as_secs_f64(),
                 f.synced.as_secs_f64(),
                 f.rss_mib,
+                f.anon_mib,
+                f.file_mib,
+                f.heap_mib,
+                f.heap_free_mib,
                 f.hwm_mib
             );
         }

@@ -183,7 +183,13 @@ pub struct Start {
     /// Spawn → every watch stream has listed (`gar_restarter_watch_synced` = 1).
     pub synced: Duration,
     pub rss_mib: f64,
+    /// VmRSS split: anonymous memory (heap, stacks) and file-backed (the binary's pages).
+    pub anon_mib: f64,
+    pub file_mib: f64,
     pub hwm_mib: f64,
+    /// The daemon's own `heap_in_use_bytes` and `heap_free_bytes`, in MiB.
+    pub heap_mib: f64,
+    pub heap_free_mib: f64,
 }
 
 /// `workloads` Deployments (0 replicas, `images` containers each, a fixture's GAR paths)
@@ -256,9 +262,18 @@ async fn start_watched(spec: &DaemonSpec, workloads: usize) -> Result<Start> {
     // Let the start-up's transient buffers go and the cache ConfigMap be written.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let pid = daemon.id().context("the daemon has no pid")?;
-    let (rss_mib, hwm_mib) = (
-        crate::bench::status_mb(pid, "VmRSS:"),
-        crate::bench::status_mb(pid, "VmHWM:"),
+    let status = |field| crate::bench::status_mb(pid, field);
+    let (rss_mib, anon_mib, file_mib, hwm_mib) = (
+        status("VmRSS:"),
+        status("RssAnon:"),
+        status("RssFile:"),
+        status("VmHWM:"),
+    );
+    let scraped = daemon.metrics();
+    let mib = |name| metrics::value(&scraped, name) / 1_048_576.0;
+    let (heap_mib, heap_free_mib) = (
+        mib("gar_restarter_heap_in_use_bytes"),
+        mib("gar_restarter_heap_free_bytes"),
     );
     let listed = events_applied(&daemon);
     daemon
@@ -271,6 +286,10 @@ async fn start_watched(spec: &DaemonSpec, workloads: usize) -> Result<Start> {
         ready,
         synced,
         rss_mib,
+        anon_mib,
+        file_mib,
         hwm_mib,
+        heap_mib,
+        heap_free_mib,
     })
 }
