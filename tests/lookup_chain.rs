@@ -12,7 +12,9 @@ use gar_restarter::config::ObjectName;
 use gar_restarter::index::cache::codec::Limits;
 use gar_restarter::index::cache::store::{Store, Written};
 use gar_restarter::index::cache::{CacheChain, ChainConfig, Origin};
+use gar_restarter::index::live::{Change, LiveView};
 use gar_restarter::index::lookup::{Lookup, LookupSource};
+use gar_restarter::index::object::{DaemonSets, Deployments, Kind, Object, StatefulSets};
 use gar_restarter::index::table::{Index, Scope};
 use gar_restarter::index::workload::{WorkloadKind, WorkloadRef};
 use gar_restarter::ingest::image::ImageRef;
@@ -694,4 +696,114 @@ async fn an_older_sharded_write_touches_no_shard_of_a_newer_set() {
         .unwrap()
         .unwrap();
     assert!(stored.same_content(&newer));
+}
+
+/// Lists every workload on `api` into `view`, as the watch's (re)list does, stream by stream.
+fn relist(api: &TestApi, view: &LiveView) {
+    fn states<K: Kind>(api: &TestApi) -> Vec<Change> {
+        api.list(K::KIND.plural())
+            .into_iter()
+            .filter_map(|o| serde_json::from_value::<Object<K>>(o).ok()?.into_state())
+            .map(Change::Listed)
+            .collect()
+    }
+    for stream in view.streams().to_vec() {
+        let listed = match stream.kind {
+            WorkloadKind::Deployment => states::<Deployments>(api),
+            WorkloadKind::StatefulSet => states::<StatefulSets>(api),
+            WorkloadKind::DaemonSet => states::<DaemonSets>(api),
+        };
+        view.apply(&stream, Change::ListStarted);
+        for change in listed {
+            view.apply(&stream, change);
+        }
+        view.apply(&stream, Change::ListDone);
+    }
+}
+
+/// Once the live view is complete the chain holds no snapshot index (the view answers, and the
+/// ConfigMap's snapshot is built from it when written). When the watch falls behind past
+/// `--watch-sync-timeout`, what the view last knew answers; a miss still finds a workload
+/// created meanwhile through one rebuild, and that index is let go again once the view has
+/// caught up.
+#[tokio::test]
+async fn no_snapshot_index_is_held_while_the_live_view_is_complete() {
+    let api = real_api().await;
+    api.insert(deployment("prod", "api", &[&gar("app:v1")]));
+    let dir = tempfile::tempdir().unwrap();
+    let chain = chain(&api, dir.path(), Duration::ZERO);
+    chain.init().await.unwrap();
+    assert_eq!(chain.index().workload_count(), 1, "start-up: a scan");
+    let scope = Scope::default();
+    let live = Arc::new(LiveView::new(
+        LiveView::streams_for(&scope),
+        false,
+        Duration::from_millis(100),
+    ));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    chain.spawn_background(
+        Some((live.clone(), Duration::from_secs(3600))),
+        shutdown.clone(),
+    );
+    let v1 = ImageRef::parse(&gar("app:v1")).unwrap();
+
+    relist(&api, &live);
+    let hits = chain.lookup(&v1).await.unwrap();
+    assert_eq!(
+        (hits.source, hits.workloads.len()),
+        (LookupSource::Watch, 1)
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || chain.index().workload_count()
+            == 0)
+        .await,
+        "the snapshot index is still held with the view complete"
+    );
+
+    // The watch falls behind (as after a failure) and stays behind.
+    for stream in live.streams().to_vec() {
+        live.degrade(&stream);
+    }
+    let hits = chain.lookup(&v1).await.unwrap();
+    assert_eq!(
+        (hits.source, hits.workloads.len()),
+        (LookupSource::LastKnown, 1),
+        "after the wait, what the view last knew"
+    );
+    api.insert(deployment("prod", "new", &[&gar("app:v2")]));
+    let v2 = ImageRef::parse(&gar("app:v2")).unwrap();
+    let from = api.requests().len();
+    let hits = chain.lookup(&v2).await.unwrap();
+    assert_eq!(
+        (hits.source, hits.workloads.len()),
+        (LookupSource::Rebuild, 1)
+    );
+    assert_eq!(lists_since(&api, from), 3, "one rebuild: a LIST per kind");
+    assert_eq!(chain.index().workload_count(), 2);
+
+    // Caught up: the view answers again and the rebuild's index is let go.
+    relist(&api, &live);
+    let hits = chain.lookup(&v2).await.unwrap();
+    assert_eq!(
+        (hits.source, hits.workloads.len()),
+        (LookupSource::Watch, 1)
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || chain.index().workload_count()
+            == 0)
+        .await,
+        "the rebuild's index is still held with the view complete again"
+    );
+    shutdown.cancel();
+}
+
+fn lists_since(api: &TestApi, from: usize) -> usize {
+    api.requests()[from..]
+        .iter()
+        .filter(|r| {
+            r.method == "GET"
+                && r.path.starts_with("/apis/apps/v1/")
+                && !r.query.as_deref().unwrap_or("").contains("watch")
+        })
+        .count()
 }

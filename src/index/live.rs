@@ -84,6 +84,9 @@ pub struct LiveView {
     opt_in: bool,
     /// Whether every stream has listed once; readers wait on it.
     synced: tokio::sync::watch::Sender<bool>,
+    /// Whether the view has been complete at least once: what it holds is then a whole
+    /// picture, if possibly a late one ([`LiveView::last_known`]).
+    was_complete: std::sync::atomic::AtomicBool,
     /// Until when readers wait for the view to be complete before they fall back: start-up
     /// plus `--watch-sync-timeout`, and again from the moment a failed stream made it
     /// incomplete (so the first seconds of an outage wait for the relist, later ones do not).
@@ -101,6 +104,7 @@ impl LiveView {
             streams,
             opt_in,
             synced: tokio::sync::watch::Sender::new(false),
+            was_complete: std::sync::atomic::AtomicBool::new(false),
             sync_deadline: std::sync::Mutex::new(Instant::now() + sync_timeout),
             sync_timeout,
             changes: AtomicU64::new(0),
@@ -156,6 +160,13 @@ impl LiveView {
             tokio::time::timeout(left, rx.wait_for(|s| *s)).await,
             Ok(Ok(_))
         )
+    }
+
+    /// Waits, without a bound, until the view is complete (`true`) or no longer is (`false`).
+    pub async fn wait_until(&self, complete: bool) {
+        let mut rx = self.synced.subscribe();
+        // The sender lives as long as `self`: this cannot fail while it is borrowed.
+        let _ = rx.wait_for(|s| *s == complete).await;
     }
 
     pub fn changes(&self) -> u64 {
@@ -215,6 +226,7 @@ impl LiveView {
                 }
                 st.synced.insert(stream.clone());
                 if self.streams.iter().all(|s| st.synced.contains(s)) {
+                    self.was_complete.store(true, Ordering::Relaxed);
                     self.synced.send_replace(true);
                 }
             }
@@ -243,16 +255,28 @@ impl LiveView {
         if !self.is_synced() {
             return None;
         }
-        let st = self.read();
-        let keys = st.by_image.get(image);
-        let found: Vec<WorkloadRef> = keys
+        Some(self.enabled_holders(&self.read(), image))
+    }
+
+    /// What the view last knew of `image`, complete or not: for when the watch has been
+    /// failing longer than readers wait. `None`: it has never been complete, so what it
+    /// holds is a partial list. It is never older than a snapshot index written from it.
+    pub fn last_known(&self, image: &ImageRef) -> Option<Arc<[WorkloadRef]>> {
+        if !self.was_complete.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(self.enabled_holders(&self.read(), image))
+    }
+
+    fn enabled_holders(&self, st: &State, image: &ImageRef) -> Arc<[WorkloadRef]> {
+        st.by_image
+            .get(image)
             .into_iter()
             .flatten()
             .filter_map(|k| st.workloads.get(k))
             .filter(|w| w.enabled(self.opt_in))
             .map(|w| w.workload.clone())
-            .collect();
-        Some(Arc::from(found))
+            .collect()
     }
 
     /// The workload's state now, for the decision just before a PATCH.
@@ -420,6 +444,34 @@ mod tests {
         view.apply(&s, Change::ListDone);
         assert!(view.is_synced());
         assert_eq!(names(&view, "app:v1"), ["new", "web"]);
+    }
+
+    #[test]
+    fn what_the_view_last_knew_is_there_once_it_has_been_complete() {
+        let s = all_deployments();
+        let view = LiveView::new(vec![s.clone()], false, Duration::ZERO);
+        let image = ImageRef::parse("app:v1").unwrap();
+        view.apply(&s, Change::ListStarted);
+        view.apply(&s, Change::Listed(state("prod", "web", &["app:v1"])));
+        assert!(
+            view.last_known(&image).is_none(),
+            "a first list still running is a partial picture"
+        );
+        view.apply(&s, Change::ListDone);
+        view.degrade(&s);
+        assert!(view.lookup(&image).is_none());
+        // Changes still applied while it is behind show, as in the snapshot written next.
+        view.apply(&s, Change::Applied(state("prod", "api", &["app:v1"])));
+        let mut off = state("prod", "web", &["app:v1"]);
+        off.annotations_enabled = Some("false".into());
+        view.apply(&s, Change::Applied(off));
+        let known: Vec<String> = view
+            .last_known(&image)
+            .unwrap()
+            .iter()
+            .map(|w| w.name.to_string())
+            .collect();
+        assert_eq!(known, ["api"]);
     }
 
     #[tokio::test]

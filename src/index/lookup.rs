@@ -16,6 +16,9 @@ use crate::ingest::image::ImageRef;
 pub enum LookupSource {
     /// The live view fed by the watch.
     Watch,
+    /// What the live view last knew: it was complete once, and its watch is failing or
+    /// relisting past `--watch-sync-timeout`.
+    LastKnown,
     /// The snapshot index in memory (the watch is off or has not listed yet).
     Memory,
     /// The snapshot index, just rebuilt by a cluster scan for this miss.
@@ -26,6 +29,7 @@ impl LookupSource {
     pub fn as_str(self) -> &'static str {
         match self {
             LookupSource::Watch => "watch",
+            LookupSource::LastKnown => "last_known",
             LookupSource::Memory => "memory",
             LookupSource::Rebuild => "rebuild",
         }

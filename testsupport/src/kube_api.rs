@@ -253,6 +253,21 @@ impl KubeApi {
         .map(|o| serde_json::to_value(o).unwrap_or_default())
     }
 
+    /// Every object of a resource, in all namespaces, as the API server has them now.
+    pub fn list(&self, resource_name: &str) -> Vec<Value> {
+        let kind = resource_name.to_owned();
+        self.with_admin(move |client| async move {
+            Api::<DynamicObject>::all_with(client, &resource(&kind))
+                .list(&Default::default())
+                .await
+        })
+        .unwrap_or_else(|e| panic!("KubeApi::list {resource_name}: {e}"))
+        .items
+        .into_iter()
+        .map(|o| serde_json::to_value(o).unwrap_or_default())
+        .collect()
+    }
+
     /// Deletes the object (foreground, at once) and returns what it was.
     pub fn remove(&self, resource_name: &str, ns: &str, name: &str) -> Option<Value> {
         let old = self.get(resource_name, ns, name)?;
