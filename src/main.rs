@@ -16,6 +16,7 @@ use gar_restarter::settle::replay;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    gar_restarter::util::heap::configure();
     let cli = Cli::load().unwrap_or_else(|e| e.exit());
     // aws-lc-rs is the only provider compiled in (kube is built with it, like the Google
     // SDK); installing it explicitly keeps a dependency that someday enables ring as well

@@ -7,6 +7,7 @@
 //! finished its first list the view is incomplete, so readers wait for it, with a bound, and
 //! fall back to the snapshot index when it is late.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -71,7 +72,7 @@ pub enum Current {
 #[derive(Default)]
 struct State {
     workloads: HashMap<Key, Arc<WorkloadState>>,
-    by_image: HashMap<ImageRef, Vec<Key>>,
+    by_image: HashMap<ImageRef, Holders>,
     /// Streams that have completed at least one list.
     synced: HashSet<StreamId>,
     /// Keys seen by each stream's list in progress.
@@ -272,7 +273,7 @@ impl LiveView {
         st.by_image
             .get(image)
             .into_iter()
-            .flatten()
+            .flat_map(Holders::keys)
             .filter_map(|k| st.workloads.get(k))
             .filter(|w| w.enabled(self.opt_in))
             .map(|w| w.workload.clone())
@@ -315,14 +316,12 @@ fn upsert(st: &mut State, key: Key, w: WorkloadState) {
     }
     remove(st, &key);
     for image in images {
-        let holders = st.by_image.entry(image).or_default();
-        // Most images are run by one workload or a few: grow those lists one slot at a time
-        // rather than to the four a `Vec`'s first push reserves (at 50,000 images, that
-        // spare capacity alone was 7 MiB). Longer lists grow as usual.
-        if holders.len() < 4 {
-            holders.reserve_exact(1);
+        match st.by_image.entry(image) {
+            Entry::Occupied(mut e) => e.get_mut().add(key.clone()),
+            Entry::Vacant(e) => {
+                e.insert(Holders::One(key.clone()));
+            }
         }
-        holders.push(key.clone());
     }
     st.workloads.insert(key, Arc::new(w));
 }
@@ -332,10 +331,50 @@ fn remove(st: &mut State, key: &Key) {
         return;
     };
     for image in old.images() {
-        if let Some(list) = st.by_image.get_mut(&image) {
-            list.retain(|k| k != key);
-            if list.is_empty() {
-                st.by_image.remove(&image);
+        if let Some(holders) = st.by_image.get_mut(&image)
+            && holders.remove(key)
+        {
+            st.by_image.remove(&image);
+        }
+    }
+}
+
+/// The workloads that run one image. Most images are run by one workload, held inline: no
+/// allocation of its own (at 50,000 images a list each was 2.4 MiB, and when they were
+/// `Vec`s grown by `push`, 7 MiB).
+#[derive(Debug)]
+enum Holders {
+    One(Key),
+    Many(Vec<Key>),
+}
+
+impl Holders {
+    fn keys(&self) -> &[Key] {
+        match self {
+            Holders::One(key) => std::slice::from_ref(key),
+            Holders::Many(keys) => keys,
+        }
+    }
+
+    fn add(&mut self, key: Key) {
+        match self {
+            Holders::One(first) => *self = Holders::Many(vec![first.clone(), key]),
+            Holders::Many(keys) => keys.push(key),
+        }
+    }
+
+    /// Removes `key`; `true` when none is left.
+    fn remove(&mut self, key: &Key) -> bool {
+        match self {
+            Holders::One(k) => k == key,
+            Holders::Many(keys) => {
+                keys.retain(|k| k != key);
+                if keys.len() == 1
+                    && let Some(last) = keys.pop()
+                {
+                    *self = Holders::One(last);
+                }
+                matches!(self, Holders::Many(keys) if keys.is_empty())
             }
         }
     }
@@ -444,6 +483,25 @@ mod tests {
         view.apply(&s, Change::ListDone);
         assert!(view.is_synced());
         assert_eq!(names(&view, "app:v1"), ["new", "web"]);
+    }
+
+    #[test]
+    fn holders_of_an_image_come_and_go() {
+        let key = |n: &str| key_of(&WorkloadRef::new(WorkloadKind::Deployment, "ns", n));
+        let mut h = Holders::One(key("a"));
+        assert!(!h.remove(&key("b")), "not a holder");
+        h.add(key("b"));
+        h.add(key("c"));
+        assert_eq!(h.keys(), [key("a"), key("b"), key("c")]);
+        assert!(!h.remove(&key("a")));
+        assert!(!h.remove(&key("c")));
+        assert!(
+            matches!(&h, Holders::One(k) if *k == key("b")),
+            "back inline"
+        );
+        assert!(h.remove(&key("b")), "none left");
+        let mut many = Holders::Many(vec![key("x")]);
+        assert!(many.remove(&key("x")));
     }
 
     #[test]
