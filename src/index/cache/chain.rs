@@ -6,9 +6,10 @@
 //!   (single flight); refs still unknown afterwards are negatively cached until the next
 //!   rebuild. A storm of pushes for images nobody runs costs one LIST sweep.
 //! * Freshness: with the watch, lookups go to the live view once it has listed (a miss is
-//!   then authoritative: no rebuild), and the view is written back here every
-//!   `--snapshot-interval` when it changed. Without it, a rebuild every `--refresh-interval`.
-//!   The mount is reloaded on every kubelet swap either way.
+//!   then authoritative: no rebuild), and the view is written back to the ConfigMap every
+//!   `--snapshot-interval` when it changed; while it is complete no snapshot index is held
+//!   and kubelet swaps of the mount are not read. Without the watch, a rebuild every
+//!   `--refresh-interval`, and the mount is reloaded on every kubelet swap.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -421,9 +422,8 @@ impl CacheChain {
     /// While the live view is complete it answers every lookup, and when it falls behind,
     /// what it last knew comes first: the snapshot index is then not read, and is only the
     /// ConfigMap's content, built from the view when written ([`Self::write_snapshots`]).
-    /// So whenever the view becomes complete, the snapshot index in memory is dropped (5.5
-    /// MiB at 10,000 workloads, as much again as the view), including one a rebuild loaded
-    /// during a watch outage.
+    /// So whenever the view becomes complete, the snapshot index in memory is dropped (5.2
+    /// MiB at 10,000 workloads), including one a rebuild loaded during a watch outage.
     async fn release_while_live(&self, live: Arc<LiveView>, shutdown: CancellationToken) {
         loop {
             tokio::select! {
@@ -515,7 +515,8 @@ impl CacheChain {
 impl Lookup for CacheChain {
     async fn lookup(&self, image: &ImageRef) -> Result<Hits, LookupError> {
         // The live view answers once it has listed, a miss included; until then (bounded by
-        // `--watch-sync-timeout` from start-up) this waits for it, then uses the snapshot.
+        // `--watch-sync-timeout` from start-up or from a watch failure) this waits for it,
+        // then uses what the view last knew, then the snapshot and a rebuild.
         if let Some(live) = self.inner.live.get() {
             if live.wait_synced().await
                 && let Some(workloads) = live.lookup(image)
