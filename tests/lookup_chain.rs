@@ -748,15 +748,9 @@ async fn no_snapshot_index_is_held_while_the_live_view_is_complete() {
     let v1 = ImageRef::parse(&gar("app:v1")).unwrap();
 
     relist(&api, &live);
-    let hits = chain.lookup(&v1).await.unwrap();
-    assert_eq!(
-        (hits.source, hits.workloads.len()),
-        (LookupSource::Watch, 1)
-    );
+    assert_eq!(answer(&chain, &v1).await, (LookupSource::Watch, 1));
     assert!(
-        wait_until(Duration::from_secs(5), || chain.index().workload_count()
-            == 0)
-        .await,
+        released(&chain).await,
         "the snapshot index is still held with the view complete"
     );
 
@@ -764,37 +758,40 @@ async fn no_snapshot_index_is_held_while_the_live_view_is_complete() {
     for stream in live.streams().to_vec() {
         live.degrade(&stream);
     }
-    let hits = chain.lookup(&v1).await.unwrap();
     assert_eq!(
-        (hits.source, hits.workloads.len()),
+        answer(&chain, &v1).await,
         (LookupSource::LastKnown, 1),
         "after the wait, what the view last knew"
     );
     api.insert(deployment("prod", "new", &[&gar("app:v2")]));
     let v2 = ImageRef::parse(&gar("app:v2")).unwrap();
     let from = api.requests().len();
-    let hits = chain.lookup(&v2).await.unwrap();
-    assert_eq!(
-        (hits.source, hits.workloads.len()),
-        (LookupSource::Rebuild, 1)
-    );
+    assert_eq!(answer(&chain, &v2).await, (LookupSource::Rebuild, 1));
     assert_eq!(lists_since(&api, from), 3, "one rebuild: a LIST per kind");
     assert_eq!(chain.index().workload_count(), 2);
 
     // Caught up: the view answers again and the rebuild's index is let go.
     relist(&api, &live);
-    let hits = chain.lookup(&v2).await.unwrap();
-    assert_eq!(
-        (hits.source, hits.workloads.len()),
-        (LookupSource::Watch, 1)
-    );
+    assert_eq!(answer(&chain, &v2).await, (LookupSource::Watch, 1));
     assert!(
-        wait_until(Duration::from_secs(5), || chain.index().workload_count()
-            == 0)
-        .await,
+        released(&chain).await,
         "the rebuild's index is still held with the view complete again"
     );
     shutdown.cancel();
+}
+
+/// What answered a lookup of `image`, and how many workloads it found.
+async fn answer(chain: &CacheChain, image: &ImageRef) -> (LookupSource, usize) {
+    let hits = chain.lookup(image).await.unwrap();
+    (hits.source, hits.workloads.len())
+}
+
+/// Whether the chain lets its snapshot index go within 5 s.
+async fn released(chain: &CacheChain) -> bool {
+    wait_until(Duration::from_secs(5), || {
+        chain.index().workload_count() == 0
+    })
+    .await
 }
 
 fn lists_since(api: &TestApi, from: usize) -> usize {

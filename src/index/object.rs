@@ -156,36 +156,35 @@ impl<K: Kind> Object<K> {
         let st = self.status.unwrap_or_default();
         let strategy = spec.update_strategy.unwrap_or_default();
         let on_delete = strategy.type_.as_deref() == Some("OnDelete");
+        // Deployment and StatefulSet name these the same; a DaemonSet has its own below.
+        let common = RolloutStatus {
+            observed_generation: st.observed_generation.unwrap_or(0),
+            desired: spec.replicas.unwrap_or(1),
+            replicas: st.replicas.unwrap_or(0),
+            updated_replicas: st.updated_replicas.unwrap_or(0),
+            available_replicas: st.available_replicas.unwrap_or(0),
+            ..RolloutStatus::default()
+        };
         let status = match K::KIND {
             WorkloadKind::Deployment => RolloutStatus {
-                observed_generation: st.observed_generation.unwrap_or(0),
-                desired: spec.replicas.unwrap_or(1),
-                replicas: st.replicas.unwrap_or(0),
-                updated_replicas: st.updated_replicas.unwrap_or(0),
-                available_replicas: st.available_replicas.unwrap_or(0),
                 progressing_reason: st
                     .conditions
                     .into_iter()
                     .find(|c| c.type_ == "Progressing")
                     .and_then(|c| c.reason),
                 progress_deadline_seconds: spec.progress_deadline_seconds,
-                ..RolloutStatus::default()
+                ..common
             },
             WorkloadKind::StatefulSet => RolloutStatus {
-                observed_generation: st.observed_generation.unwrap_or(0),
-                desired: spec.replicas.unwrap_or(1),
-                replicas: st.replicas.unwrap_or(0),
-                updated_replicas: st.updated_replicas.unwrap_or(0),
-                available_replicas: st.available_replicas.unwrap_or(0),
                 ready_replicas: st.ready_replicas.unwrap_or(0),
                 partition: strategy.rolling_update.and_then(|r| r.partition),
                 update_revision: st.update_revision,
                 current_revision: st.current_revision,
                 on_delete,
-                ..RolloutStatus::default()
+                ..common
             },
             WorkloadKind::DaemonSet => RolloutStatus {
-                observed_generation: st.observed_generation.unwrap_or(0),
+                observed_generation: common.observed_generation,
                 desired: st.desired_number_scheduled.unwrap_or(0),
                 updated_replicas: st.updated_number_scheduled.unwrap_or(0),
                 available_replicas: st.number_available.unwrap_or(0),
