@@ -313,15 +313,24 @@ impl CacheChain {
         Ok(())
     }
 
-    /// Stores the index in use; failures are logged, as the next rebuild will try again.
+    /// Stores the index in use, read once the write lock is held (so that a write queued
+    /// behind another stores the newest index); failures are logged, as the next rebuild
+    /// will try again.
     async fn write_current(&self) {
+        let _guard = self.inner.write_lock.lock().await;
         let index = self.inner.index.load();
-        self.write_index(&index).await;
+        self.write_locked(&index).await;
     }
 
-    /// Stores `index`; failures are logged, as the next rebuild or snapshot will try again.
+    /// Stores `index` (a snapshot of the live view); failures are logged, as the next
+    /// snapshot will try again.
     async fn write_index(&self, index: &Index) {
         let _guard = self.inner.write_lock.lock().await;
+        self.write_locked(index).await;
+    }
+
+    /// The write itself; the caller holds `write_lock`.
+    async fn write_locked(&self, index: &Index) {
         match self.inner.store.write(index).await {
             Ok((written, encoded)) => tracing::info!(
                 configmap = %self.inner.config.configmap,
