@@ -12,6 +12,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use gar_restarter::index::cache::codec;
 use gar_restarter::index::live::{Change, LiveView, StreamId};
 use gar_restarter::index::lookup::SharedIndex;
 use gar_restarter::index::table::Index;
@@ -42,16 +43,10 @@ fn print_distribution(name: &str, [p50, p99, p999, max]: [u128; 4]) {
     println!("{name:<40} per call: p50 {p50} ns, p99 {p99} ns, p99.9 {p999} ns, max {max} ns");
 }
 
-/// Heap bytes in use (glibc's count), to report what a loaded index holds.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+/// Heap bytes in use, mapped blocks included: a large table (the view's image map at
+/// 500,000 refs) is one block of its own mapping, and glibc's `uordblks` alone misses it.
 fn heap_in_use() -> Option<usize> {
-    // SAFETY: mallinfo2 only reads glibc's allocator statistics.
-    Some(unsafe { libc::mallinfo2() }.uordblks)
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn heap_in_use() -> Option<usize> {
-    None
+    gar_restarter::util::heap::stats().map(|s| s.in_use)
 }
 
 fn bench(c: &mut Criterion) {
@@ -157,8 +152,9 @@ fn workload(i: usize, images: usize, v: usize) -> WorkloadState {
         annotations_enabled: None,
         strategy: None,
         last_restart: RestartRecord::default(),
-        resource_version: Some(format!("{}", 1000 + i)),
-        uid: None,
+        resource_version: Some(format!("{}", 1000 + i).into()),
+        // As the API server writes one: a UUID.
+        uid: Some(format!("{i:08x}-5d2c-4f0e-9a4b-{i:012x}").into()),
         generation: 1,
         status: RolloutStatus::default(),
     }
@@ -170,8 +166,9 @@ fn listed(n: usize, images: usize) -> (LiveView, Option<usize>, std::time::Durat
         kind: WorkloadKind::Deployment,
         namespace: None,
     };
-    let states: Vec<WorkloadState> = (0..n).map(|i| workload(i, images, 0)).collect();
+    // Measured from before the states exist: the view keeps them, so they are its heap too.
     let before = heap_in_use();
+    let states: Vec<WorkloadState> = (0..n).map(|i| workload(i, images, 0)).collect();
     let view = LiveView::new(vec![stream.clone()], false, std::time::Duration::ZERO);
     let started = Instant::now();
     view.apply(&stream, Change::ListStarted);
@@ -230,5 +227,44 @@ fn bench_live(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench, bench_live);
+/// The snapshot at 100,000 workloads and 500,000 refs: its stored form and size, and the
+/// cost of reading it back as a start-up does from a mounted sharded set (shards joined,
+/// checksum, gunzip, parse, index built).
+fn bench_snapshot(c: &mut Criterion) {
+    let index = Index::from_json(&fixtures::cache_json(100_000, 5)).expect("index");
+    let plain = index.to_json().len();
+    let compact = index.to_compact_json().len();
+    let enc = codec::encode(&index, codec::Limits::default()).expect("encodes");
+    println!(
+        "snapshot (100,000 workloads / 500,000 refs): plain JSON {:.1} MiB, compact JSON {:.1} MiB, \
+         stored {} as {:.2} MiB in {} shards",
+        plain as f64 / 1_048_576.0,
+        compact as f64 / 1_048_576.0,
+        enc.form.as_str(),
+        enc.bytes as f64 / 1_048_576.0,
+        enc.shards.len(),
+    );
+    let decode = || {
+        codec::decode(&enc.data, &enc.binary_data, |i| {
+            enc.shards.get(i).map(|(_, b)| b.clone())
+        })
+        .expect("decodes")
+    };
+    let started = Instant::now();
+    let (back, _) = decode();
+    println!(
+        "snapshot decode (100,000 workloads): {:.0} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    assert!(back.same_content(&index));
+    drop(back);
+    let mut g = c.benchmark_group("snapshot");
+    g.sample_size(10);
+    g.bench_function("decode_sharded_100k_workloads_500k_refs", |b| {
+        b.iter(|| black_box(decode()))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_live, bench_snapshot);
 criterion_main!(benches);

@@ -132,7 +132,7 @@ pub fn decide(
             (
                 state.paused,
                 Some(&state.last_restart),
-                state.resource_version.clone(),
+                state.resource_version.as_deref().map(String::from),
                 Some(&**state),
             )
         }
@@ -186,7 +186,7 @@ fn plan(state: &WorkloadState, push: &Push, strategy: Strategy) -> Result<Plan, 
     let matching: Vec<_> = state
         .containers
         .iter()
-        .filter(|c| c.image.as_ref() == Some(&push.image))
+        .filter(|c| c.runs(&push.image))
         .collect();
     if matching.is_empty() {
         return Err(Skip::NotRunning);
@@ -297,7 +297,7 @@ mod tests {
         let w = WorkloadRef::new(WorkloadKind::Deployment, "apps", "web");
         let state = WorkloadState {
             workload: w.clone(),
-            containers: vec![container("app", false, "gcr.io/p/app:v1", "IfNotPresent")],
+            containers: vec![container("app", false, "gcr.io/p/app:v1", "IfNotPresent")].into(),
             paused: false,
             annotations_enabled: None,
             strategy: None,
@@ -479,7 +479,8 @@ mod tests {
                     &format!("gcr.io/p/app:v1@sha256:{}", "2".repeat(64)),
                     "Always",
                 ),
-            ];
+            ]
+            .into();
         });
         let Decision::Restart { plan, precondition } =
             decide(&w, &state, None, &pin_push(1), &Scope::default(), R)
@@ -526,7 +527,8 @@ mod tests {
                 false,
                 &format!("gcr.io/p/app:v1@{HEX}"),
                 "IfNotPresent",
-            )];
+            )]
+            .into();
         });
         assert_eq!(
             decide(&w, &done, None, &pin_push(1), &Scope::default(), R),
@@ -538,7 +540,7 @@ mod tests {
     fn restart_flags_cached_pull_policies_and_skips_pinned_containers() {
         let (w, base) = live(None);
         let always = with(&base, |s| {
-            s.containers = vec![container("app", false, "gcr.io/p/app:v1", "Always")];
+            s.containers = vec![container("app", false, "gcr.io/p/app:v1", "Always")].into();
         });
         let Decision::Restart { plan, .. } =
             decide(&w, &always, None, &push("A", 1), &Scope::default(), R)
@@ -547,7 +549,7 @@ mod tests {
         };
         assert!(plan.stale_risks.is_empty());
         let never = with(&base, |s| {
-            s.containers = vec![container("app", false, "gcr.io/p/app:v1", "Never")];
+            s.containers = vec![container("app", false, "gcr.io/p/app:v1", "Never")].into();
         });
         let Decision::Restart { plan, .. } =
             decide(&w, &never, None, &push("A", 1), &Scope::default(), R)
@@ -562,14 +564,15 @@ mod tests {
                 false,
                 &format!("gcr.io/p/app:v1@{HEX}"),
                 "IfNotPresent",
-            )];
+            )]
+            .into();
         });
         assert_eq!(
             decide(&w, &pinned, None, &push("A", 1), &Scope::default(), R),
             Decision::Skip(Skip::DigestPinned)
         );
         let other = with(&base, |s| {
-            s.containers = vec![container("app", false, "gcr.io/p/app:v2", "Always")];
+            s.containers = vec![container("app", false, "gcr.io/p/app:v2", "Always")].into();
         });
         assert_eq!(
             decide(&w, &other, None, &push("A", 1), &Scope::default(), R),

@@ -262,7 +262,7 @@ impl Restarter {
         let (precondition, plan) = match decision {
             Decision::Skip(Skip::UnknownStrategy) => {
                 let value = match &current {
-                    Current::Live(s) => s.strategy.clone().unwrap_or_default(),
+                    Current::Live(s) => s.strategy.as_deref().unwrap_or_default().to_string(),
                     _ => String::new(),
                 };
                 tracing::warn!(

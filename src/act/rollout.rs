@@ -372,7 +372,7 @@ enum Step {
 /// Advances `t` with `state` (the same workload).
 fn step(t: &mut Tracked, state: &WorkloadState) -> Step {
     if t.uid.is_none() {
-        t.uid.clone_from(&state.uid);
+        t.uid = state.uid.as_deref().map(String::from);
     }
     let record = &state.last_restart;
     if t.generation.is_none() {
@@ -552,7 +552,8 @@ mod tests {
                 image: None,
                 pull_policy: None,
                 written: None,
-            }],
+            }]
+            .into(),
             paused: false,
             annotations_enabled: None,
             strategy: None,

@@ -7,11 +7,13 @@
 //! finished its first list the view is incomplete, so readers wait for it, with a bound, and
 //! fall back to the snapshot index when it is late.
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
+
+use hashbrown::{DefaultHashBuilder, HashTable};
 
 use crate::index::table::{Index, Scope};
 use crate::index::workload::{WorkloadKind, WorkloadRef, WorkloadState};
@@ -69,14 +71,54 @@ pub enum Current {
     Unknown,
 }
 
+/// The view's tables, laid out for memory: at 100,000 workloads of five images each, a
+/// `HashMap<ImageRef, _>` of inline keys and holders took 68 MiB for its 1M slots alone.
+/// Here a slot is a pointer and an index, and the strings live once, in the workload's
+/// packed containers ([`Containers`](crate::index::containers::Containers)).
 #[derive(Default)]
 struct State {
-    workloads: HashMap<Key, Arc<WorkloadState>>,
-    by_image: HashMap<ImageRef, Holders>,
+    /// Every workload, found by the hash of its [`Key`].
+    workloads: HashTable<Arc<WorkloadState>>,
+    /// Image → the workloads that run it, found by the hash of the image key.
+    by_image: HashTable<Holders>,
+    hasher: DefaultHashBuilder,
+    /// One shared string per namespace, rather than one per workload.
+    namespaces: HashSet<Arc<str>>,
     /// Streams that have completed at least one list.
     synced: HashSet<StreamId>,
     /// Keys seen by each stream's list in progress.
     listing: HashMap<StreamId, HashSet<Key>>,
+}
+
+fn key_hash(hasher: &DefaultHashBuilder, kind: WorkloadKind, namespace: &str, name: &str) -> u64 {
+    hasher.hash_one((kind, namespace, name))
+}
+
+fn is(w: &WorkloadState, kind: WorkloadKind, namespace: &str, name: &str) -> bool {
+    w.workload.kind == kind && *w.workload.namespace == *namespace && *w.workload.name == *name
+}
+
+impl State {
+    fn get(&self, kind: WorkloadKind, namespace: &str, name: &str) -> Option<&Arc<WorkloadState>> {
+        let hash = key_hash(&self.hasher, kind, namespace, name);
+        self.workloads.find(hash, |w| is(w, kind, namespace, name))
+    }
+
+    fn holders(&self, image: &str) -> Option<&Holders> {
+        self.by_image
+            .find(self.hasher.hash_one(image), |h| h.image() == image)
+    }
+
+    /// The namespace's shared string.
+    fn intern(&mut self, namespace: &Arc<str>) -> Arc<str> {
+        match self.namespaces.get(namespace) {
+            Some(shared) => shared.clone(),
+            None => {
+                self.namespaces.insert(namespace.clone());
+                namespace.clone()
+            }
+        }
+    }
 }
 
 pub struct LiveView {
@@ -218,13 +260,16 @@ impl LiveView {
                 let seen = st.listing.remove(stream).unwrap_or_default();
                 let gone: Vec<Key> = st
                     .workloads
-                    .keys()
-                    .filter(|k| stream.owns(k) && !seen.contains(*k))
-                    .cloned()
+                    .iter()
+                    .map(|w| key_of(&w.workload))
+                    .filter(|k| stream.owns(k) && !seen.contains(k))
                     .collect();
                 for k in &gone {
                     remove(&mut st, k);
                 }
+                drop(gone);
+                // Namespaces no workload is in any more.
+                st.namespaces.retain(|ns| Arc::strong_count(ns) > 1);
                 st.synced.insert(stream.clone());
                 if self.streams.iter().all(|s| st.synced.contains(s)) {
                     self.was_complete.store(true, Ordering::Relaxed);
@@ -270,11 +315,10 @@ impl LiveView {
     }
 
     fn enabled_holders(&self, st: &State, image: &ImageRef) -> Arc<[WorkloadRef]> {
-        st.by_image
-            .get(image)
-            .into_iter()
-            .flat_map(Holders::keys)
-            .filter_map(|k| st.workloads.get(k))
+        st.holders(image.as_str())
+            .map(Holders::states)
+            .unwrap_or_default()
+            .iter()
             .filter(|w| w.enabled(self.opt_in))
             .map(|w| w.workload.clone())
             .collect()
@@ -285,7 +329,10 @@ impl LiveView {
         if !self.is_synced() {
             return Current::Unknown;
         }
-        match self.read().workloads.get(&key_of(workload)) {
+        match self
+            .read()
+            .get(workload.kind, &workload.namespace, &workload.name)
+        {
             Some(w) => Current::Live(w.clone()),
             None => Current::Absent,
         }
@@ -294,87 +341,143 @@ impl LiveView {
     /// The view as a snapshot index, for the cache ConfigMap and the next start-up.
     pub fn snapshot(&self, scope: Scope, generated_at: String) -> Index {
         let st = self.read();
-        let entries: Vec<(WorkloadRef, Vec<ImageRef>)> = st
+        let entries = st
             .workloads
-            .values()
+            .iter()
             .filter(|w| w.enabled(self.opt_in))
             .map(|w| (w.workload.clone(), w.images()))
-            .filter(|(_, images)| !images.is_empty())
-            .collect();
-        drop(st);
+            .filter(|(_, images)| !images.is_empty());
         Index::build(entries, scope, generated_at)
     }
 }
 
-fn upsert(st: &mut State, key: Key, w: WorkloadState) {
-    let images = w.images();
-    if let Some(old) = st.workloads.get(&key)
-        && old.images() == images
-    {
-        st.workloads.insert(key, Arc::new(w));
-        return;
-    }
+/// Replaces what the view holds of `key` with `w`. Every image slot points at the state it
+/// came from, so they are all rewritten, even when the images did not change: five hash
+/// lookups, against a stale state served to the next lookup.
+fn upsert(st: &mut State, key: Key, mut w: WorkloadState) {
     remove(st, &key);
-    for image in images {
-        match st.by_image.entry(image) {
-            Entry::Occupied(mut e) => e.get_mut().add(key.clone()),
-            Entry::Vacant(e) => {
-                e.insert(Holders::One(key.clone()));
+    w.workload.namespace = st.intern(&w.workload.namespace);
+    let w = Arc::new(w);
+    let State {
+        workloads,
+        by_image,
+        hasher,
+        ..
+    } = st;
+    let mut seen: Vec<&str> = Vec::new();
+    for (i, image) in w.containers.iter().enumerate() {
+        let Some(image) = image.image else { continue };
+        if seen.contains(&image) {
+            continue;
+        }
+        seen.push(image);
+        let hash = hasher.hash_one(image);
+        match by_image.find_mut(hash, |h| h.image() == image) {
+            Some(holders) => holders.add(w.clone()),
+            None => {
+                let one = Holders::One {
+                    state: w.clone(),
+                    container: i as u32,
+                };
+                by_image.insert_unique(hash, one, |h| hasher.hash_one(h.image()));
             }
         }
     }
-    st.workloads.insert(key, Arc::new(w));
+    let hash = key_hash(hasher, key.0, &key.1, &key.2);
+    workloads.insert_unique(hash, w.clone(), |w| {
+        key_hash(
+            hasher,
+            w.workload.kind,
+            &w.workload.namespace,
+            &w.workload.name,
+        )
+    });
 }
 
 fn remove(st: &mut State, key: &Key) {
-    let Some(old) = st.workloads.remove(key) else {
+    let State {
+        workloads,
+        by_image,
+        hasher,
+        ..
+    } = st;
+    let hash = key_hash(hasher, key.0, &key.1, &key.2);
+    let Ok(found) = workloads.find_entry(hash, |w| is(w, key.0, &key.1, &key.2)) else {
         return;
     };
+    let (old, _) = found.remove();
     for image in old.images() {
-        if let Some(holders) = st.by_image.get_mut(&image)
-            && holders.remove(key)
+        if let Ok(mut entry) = by_image.find_entry(hasher.hash_one(image), |h| h.image() == image)
+            && entry.get_mut().remove(key)
         {
-            st.by_image.remove(&image);
+            entry.remove();
         }
     }
 }
 
-/// The workloads that run one image. Most images are run by one workload, held inline: no
-/// allocation of its own (at 50,000 images a list each was 2.4 MiB, and when they were
-/// `Vec`s grown by `push`, 7 MiB).
-#[derive(Debug)]
+/// The workloads that run one image, each as its state. Most images are run by one workload:
+/// that is held inline, and the image key is read from its container, not stored again.
 enum Holders {
-    One(Key),
-    Many(Vec<Key>),
+    One {
+        state: Arc<WorkloadState>,
+        /// The first of its containers that runs the image.
+        container: u32,
+    },
+    Many(Box<Many>),
+}
+
+struct Many {
+    image: Box<str>,
+    states: Vec<Arc<WorkloadState>>,
 }
 
 impl Holders {
-    fn keys(&self) -> &[Key] {
+    fn image(&self) -> &str {
         match self {
-            Holders::One(key) => std::slice::from_ref(key),
-            Holders::Many(keys) => keys,
+            Holders::One { state, container } => state
+                .containers
+                .get(*container as usize)
+                .and_then(|c| c.image)
+                .unwrap_or_default(),
+            Holders::Many(many) => &many.image,
         }
     }
 
-    fn add(&mut self, key: Key) {
+    fn states(&self) -> &[Arc<WorkloadState>] {
         match self {
-            Holders::One(first) => *self = Holders::Many(vec![first.clone(), key]),
-            Holders::Many(keys) => keys.push(key),
+            Holders::One { state, .. } => std::slice::from_ref(state),
+            Holders::Many(many) => &many.states,
         }
     }
 
-    /// Removes `key`; `true` when none is left.
+    fn add(&mut self, state: Arc<WorkloadState>) {
+        if let Holders::Many(many) = self {
+            many.states.push(state);
+            return;
+        }
+        let image: Box<str> = self.image().into();
+        let states = vec![self.states()[0].clone(), state];
+        *self = Holders::Many(Box::new(Many { image, states }));
+    }
+
+    /// Removes `key`'s state; `true` when none is left.
     fn remove(&mut self, key: &Key) -> bool {
+        let held = |w: &WorkloadState| is(w, key.0, &key.1, &key.2);
         match self {
-            Holders::One(k) => k == key,
-            Holders::Many(keys) => {
-                keys.retain(|k| k != key);
-                if keys.len() == 1
-                    && let Some(last) = keys.pop()
+            Holders::One { state, .. } => held(state),
+            Holders::Many(many) => {
+                many.states.retain(|w| !held(w));
+                if many.states.len() == 1
+                    && let Some(last) = many.states.pop()
                 {
-                    *self = Holders::One(last);
+                    let image = &*many.image;
+                    let container = last.containers.iter().position(|c| c.image == Some(image));
+                    *self = Holders::One {
+                        container: container.unwrap_or_default() as u32,
+                        state: last,
+                    };
                 }
-                matches!(self, Holders::Many(keys) if keys.is_empty())
+                matches!(self, Holders::Many(many) if many.states.is_empty())
             }
         }
     }
@@ -487,21 +590,83 @@ mod tests {
 
     #[test]
     fn holders_of_an_image_come_and_go() {
+        let held = |n: &str| Arc::new(state("ns", n, &["sidecar:1", "app:v1"]));
         let key = |n: &str| key_of(&WorkloadRef::new(WorkloadKind::Deployment, "ns", n));
-        let mut h = Holders::One(key("a"));
+        let names = |h: &Holders| -> Vec<String> {
+            h.states()
+                .iter()
+                .map(|w| w.workload.name.to_string())
+                .collect()
+        };
+        let mut h = Holders::One {
+            state: held("a"),
+            container: 1,
+        };
+        assert_eq!(
+            h.image(),
+            "docker.io/library/app:v1",
+            "read from the container"
+        );
         assert!(!h.remove(&key("b")), "not a holder");
-        h.add(key("b"));
-        h.add(key("c"));
-        assert_eq!(h.keys(), [key("a"), key("b"), key("c")]);
+        h.add(held("b"));
+        h.add(held("c"));
+        assert_eq!(names(&h), ["a", "b", "c"]);
+        assert_eq!(h.image(), "docker.io/library/app:v1");
         assert!(!h.remove(&key("a")));
         assert!(!h.remove(&key("c")));
         assert!(
-            matches!(&h, Holders::One(k) if *k == key("b")),
-            "back inline"
+            matches!(&h, Holders::One { state, container: 1 } if &*state.workload.name == "b"),
+            "back inline, on the container that runs it"
         );
+        assert_eq!(h.image(), "docker.io/library/app:v1");
         assert!(h.remove(&key("b")), "none left");
-        let mut many = Holders::Many(vec![key("x")]);
+        let mut many = Holders::Many(Box::new(Many {
+            image: "x".into(),
+            states: vec![held("x")],
+        }));
         assert!(many.remove(&key("x")));
+    }
+
+    #[test]
+    fn an_unchanged_image_serves_the_newest_state() {
+        let view = synced_view(vec![state("prod", "web", &["app:v1"])]);
+        let mut off = state("prod", "web", &["app:v1"]);
+        off.annotations_enabled = Some("false".into());
+        view.apply(&all_deployments(), Change::Applied(off));
+        assert!(names(&view, "app:v1").is_empty(), "the opt-out is seen");
+        view.apply(
+            &all_deployments(),
+            Change::Applied(state("prod", "web", &["app:v1", "app:v1"])),
+        );
+        assert_eq!(names(&view, "app:v1"), ["web"], "one entry per image");
+        assert_eq!(view.image_count(), 1);
+    }
+
+    #[test]
+    fn namespaces_are_shared_and_let_go() {
+        let view = synced_view(vec![
+            state("prod", "web", &["app:v1"]),
+            state("prod", "api", &["app:v2"]),
+        ]);
+        let current = |name: &str| match view.current(&WorkloadRef::new(
+            WorkloadKind::Deployment,
+            "prod",
+            name,
+        )) {
+            Current::Live(w) => w,
+            other => panic!("{other:?}"),
+        };
+        assert!(Arc::ptr_eq(
+            &current("web").workload.namespace,
+            &current("api").workload.namespace
+        ));
+        let s = all_deployments();
+        view.apply(&s, Change::ListStarted);
+        view.apply(&s, Change::ListDone);
+        assert!(
+            view.read().namespaces.is_empty(),
+            "no workload left in prod"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod cache;
 pub mod check;
+pub mod containers;
 pub mod live;
 pub mod lookup;
 pub mod object;

@@ -172,15 +172,16 @@ impl<K: Kind> Object<K> {
                     .conditions
                     .into_iter()
                     .find(|c| c.type_ == "Progressing")
-                    .and_then(|c| c.reason),
+                    .and_then(|c| c.reason)
+                    .map(String::into_boxed_str),
                 progress_deadline_seconds: spec.progress_deadline_seconds,
                 ..common
             },
             WorkloadKind::StatefulSet => RolloutStatus {
                 ready_replicas: st.ready_replicas.unwrap_or(0),
                 partition: strategy.rolling_update.and_then(|r| r.partition),
-                update_revision: st.update_revision,
-                current_revision: st.current_revision,
+                update_revision: st.update_revision.map(String::into_boxed_str),
+                current_revision: st.current_revision.map(String::into_boxed_str),
                 on_delete,
                 ..common
             },
@@ -210,11 +211,15 @@ impl<K: Kind> Object<K> {
             workload,
             containers,
             paused,
-            annotations_enabled: annotations.remove(ENABLED_ANNOTATION),
-            strategy: annotations.remove(STRATEGY_ANNOTATION),
+            annotations_enabled: annotations
+                .remove(ENABLED_ANNOTATION)
+                .map(String::into_boxed_str),
+            strategy: annotations
+                .remove(STRATEGY_ANNOTATION)
+                .map(String::into_boxed_str),
             last_restart: RestartRecord::from_annotations(&spec.template.metadata.annotations),
-            resource_version: meta.resource_version,
-            uid: meta.uid,
+            resource_version: meta.resource_version.map(String::into_boxed_str),
+            uid: meta.uid.map(String::into_boxed_str),
             generation: meta.generation.unwrap_or(0),
             status,
         })
@@ -438,10 +443,8 @@ mod tests {
         assert_eq!(s.last_restart.digest.as_deref(), Some(D));
         assert_eq!(s.last_restart.image.as_deref(), Some("gcr.io/p/app:v1"));
         assert!(s.last_restart.published_at.is_some());
-        let images = s.images();
-        let images: Vec<&str> = images.iter().map(|i| i.as_str()).collect();
         assert_eq!(
-            images,
+            s.images(),
             [
                 "gcr.io/p/app:v1",
                 "docker.io/library/nginx:latest",
@@ -449,12 +452,12 @@ mod tests {
             ],
             "a tag pinned by digest stays indexed under its tag; one pinned by hand is not"
         );
-        let app = &s.containers[0];
-        assert_eq!(app.pull_policy, Some(PullPolicy::IfNotPresent));
-        assert!(app.digest_pinned());
-        assert_eq!(&*s.containers[3].container, "init");
-        assert!(s.containers[3].init);
-        assert_eq!(s.containers[1].image, None, "no tag: pinned by hand");
+        let c: Vec<_> = s.containers.iter().collect();
+        assert_eq!(c[0].pull_policy, Some(PullPolicy::IfNotPresent));
+        assert!(c[0].digest_pinned());
+        assert_eq!(c[3].container, "init");
+        assert!(c[3].init);
+        assert_eq!(c[1].image, None, "no tag: pinned by hand");
         assert_eq!(
             s.status,
             RolloutStatus {

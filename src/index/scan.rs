@@ -34,7 +34,7 @@ pub async fn scan(client: &Client, scope: &Scope) -> Result<Index, ClusterError>
 async fn scan_kind<K: Kind>(
     client: &Client,
     scope: &Scope,
-    out: &mut Vec<(WorkloadRef, Vec<ImageRef>)>,
+    out: &mut Vec<(WorkloadRef, Vec<Box<str>>)>,
 ) -> Result<(), ClusterError> {
     let kind = K::KIND;
     let apis: Vec<(Api<Object<K>>, String)> = if scope.namespaces.is_empty() {
@@ -79,17 +79,17 @@ async fn scan_kind<K: Kind>(
 
 /// The index entry of an enabled workload that runs at least one tag; unparseable images
 /// are logged and left out.
-fn entry(state: WorkloadState, opt_in: bool) -> Option<(WorkloadRef, Vec<ImageRef>)> {
+fn entry(state: WorkloadState, opt_in: bool) -> Option<(WorkloadRef, Vec<Box<str>>)> {
     if !state.enabled(opt_in) {
         return None;
     }
-    for c in &state.containers {
-        if let (None, Some(image)) = (&c.image, &c.written)
+    for c in state.containers.iter() {
+        if let Some(image) = c.unindexed()
             && ImageRef::parse(image).is_err()
         {
             tracing::warn!(workload = %state.workload, container = %c.container, image, "skipping unparseable image reference");
         }
     }
-    let images = state.images();
+    let images: Vec<Box<str>> = state.images().into_iter().map(Box::from).collect();
     (!images.is_empty()).then_some((state.workload, images))
 }

@@ -21,6 +21,12 @@ use crate::index::workload::{WorkloadKind, WorkloadRef};
 use crate::ingest::image::ImageRef;
 use crate::util::json::BorrowedStr;
 
+mod compact;
+
+pub use compact::MAX_KEY_BYTES;
+
+/// The version of the plain form (`cache.json`); the compressed forms store
+/// [`compact::VERSION`].
 pub const FORMAT_VERSION: u32 = 1;
 
 /// What an index was built from; a rebuild with another scope must not be mistaken for ours.
@@ -60,8 +66,18 @@ struct RawIndexFile<'a> {
     generated_at: Option<Cow<'a, str>>,
     #[serde(default)]
     scope: Option<Scope>,
+    /// Version 2 only: every workload once, named by position in `images`.
+    #[serde(default, borrow)]
+    workloads: Vec<RawWorkload<'a>>,
     #[serde(borrow)]
-    images: Builder<'a>,
+    images: RawImages<'a>,
+}
+
+/// `images` as either version writes it: a map of image → workloads (1), or a front-coded
+/// list of image → workload positions ([`compact`]).
+enum RawImages<'a> {
+    Map(Box<Builder<'a>>),
+    Compact(compact::RawImages<'a>),
 }
 
 #[derive(Deserialize)]
@@ -82,6 +98,8 @@ pub enum IndexError {
     Json(#[from] serde_json::Error),
     #[error("index is too large: {0} bytes of keys or references (the limit is 4 GiB)")]
     TooLarge(usize),
+    #[error("index is not valid compact cache.json (version 2): {0}")]
+    Compact(String),
 }
 
 /// One image key: where its string sits in `keys` and its workload ids in `lists`.
@@ -134,14 +152,15 @@ impl std::fmt::Debug for Index {
 
 impl Index {
     /// Builds an index from (workload, images it runs) pairs.
-    pub fn build<I>(entries: I, scope: Scope, generated_at: String) -> Self
+    pub fn build<I, S>(entries: I, scope: Scope, generated_at: String) -> Self
     where
-        I: IntoIterator<Item = (WorkloadRef, Vec<ImageRef>)>,
+        I: IntoIterator<Item = (WorkloadRef, Vec<S>)>,
+        S: AsRef<str>,
     {
         let mut map: BTreeMap<String, Vec<WorkloadRef>> = BTreeMap::new();
         for (workload, images) in entries {
             for image in images {
-                map.entry(image.as_str().to_string())
+                map.entry(image.as_ref().to_string())
                     .or_default()
                     .push(workload.clone());
             }
@@ -176,14 +195,23 @@ impl Index {
     /// Parses `cache.json` borrowing from `bytes`: a 50,000-ref index loads in milliseconds.
     pub fn from_json(bytes: &[u8]) -> Result<Self, IndexError> {
         let raw: RawIndexFile<'_> = serde_json::from_slice(bytes)?;
-        if let Some(len) = raw.images.overflow {
+        let builder = match raw.images {
+            RawImages::Map(builder) => *builder,
+            RawImages::Compact(images) => compact::build(raw.workloads, images)?,
+        };
+        if let Some(len) = builder.overflow {
             return Err(IndexError::TooLarge(len));
         }
-        Ok(raw.images.finish(
+        Ok(builder.finish(
             raw.version.is_some(),
             raw.generated_at.map(Cow::into_owned),
             raw.scope,
         ))
+    }
+
+    /// The compact form (version 2, see [`compact`]): for the gzip and sharded forms.
+    pub fn to_compact_json(&self) -> Vec<u8> {
+        compact::to_json(self)
     }
 
     fn key(&self, e: &Entry) -> &str {
@@ -232,6 +260,11 @@ impl Index {
             .map(|e| self.list(e).cloned().collect())
     }
 
+    /// Every image key's length, added up.
+    pub fn key_bytes(&self) -> usize {
+        self.keys.len()
+    }
+
     pub fn image_count(&self) -> usize {
         self.table.len()
     }
@@ -276,6 +309,20 @@ struct Builder<'a> {
 }
 
 impl<'a> Builder<'a> {
+    /// Room for what a file says it holds, so that loading it grows nothing (a growing table
+    /// rehashes every key it holds, each time it doubles).
+    fn reserve(&mut self, workloads: usize, images: usize, key_bytes: usize, refs: usize) {
+        let index = &mut self.index;
+        index.workloads.reserve(workloads);
+        self.interned.reserve(workloads);
+        index.keys.reserve(key_bytes);
+        index.lists.reserve(refs);
+        let (keys, hasher) = (&index.keys, &index.hasher);
+        index
+            .table
+            .reserve(images, |e| hasher.hash_one(e.key(keys)));
+    }
+
     fn workload(
         &mut self,
         kind: WorkloadKind,
@@ -299,21 +346,43 @@ impl<'a> Builder<'a> {
     /// Adds `key` → `ids` (sorted and deduplicated here); a repeated key merges its lists,
     /// in [`Builder::into_index`], so a repeat costs its own ids and no more.
     fn add(&mut self, key: &str, ids: &mut Vec<u32>) {
-        let index = &mut self.index;
-        let key_bytes = index.keys.len() + key.len();
-        let refs = index.lists.len() + self.repeats.len() + ids.len();
+        let hash = self.index.hasher.hash_one(key);
+        let keys = &self.index.keys;
+        if let Some(e) = self.index.table.find(hash, |e| e.key(keys) == key) {
+            let (start, len) = (e.key_start, e.key_len);
+            if self.fits(0, ids.len()) {
+                self.repeats.extend(ids.iter().map(|&id| (start, len, id)));
+            }
+            return;
+        }
+        sort_ids(&self.index.workloads, ids);
+        self.insert(hash, key, ids);
+    }
+
+    /// Adds a key known not to be there yet with `ids` already in workload order: what a
+    /// compact file gives, which says so by being sorted.
+    fn add_new(&mut self, key: &str, ids: &[u32]) {
+        let hash = self.index.hasher.hash_one(key);
+        self.insert(hash, key, ids);
+    }
+
+    /// Whether `key_len` more key bytes and `refs` more ids still fit the `u32` offsets;
+    /// records the overflow when not.
+    fn fits(&mut self, key_len: usize, refs: usize) -> bool {
+        let key_bytes = self.index.keys.len() + key_len;
+        let refs = self.index.lists.len() + self.repeats.len() + refs;
         if key_bytes > u32::MAX as usize || refs > u32::MAX as usize {
             self.overflow = Some(key_bytes.max(refs));
+            return false;
+        }
+        true
+    }
+
+    fn insert(&mut self, hash: u64, key: &str, ids: &[u32]) {
+        if !self.fits(key.len(), ids.len()) {
             return;
         }
-        let hash = index.hasher.hash_one(key);
-        let keys = &index.keys;
-        if let Some(e) = index.table.find(hash, |e| e.key(keys) == key) {
-            let (start, len) = (e.key_start, e.key_len);
-            self.repeats.extend(ids.iter().map(|&id| (start, len, id)));
-            return;
-        }
-        sort_ids(&index.workloads, ids);
+        let index = &mut self.index;
         let entry = Entry {
             key_start: index.keys.len() as u32,
             key_len: key.len() as u32,
@@ -413,19 +482,23 @@ fn sort_ids(workloads: &[WorkloadRef], ids: &mut Vec<u32>) {
     ids.dedup();
 }
 
-impl<'de: 'a, 'a> Deserialize<'de> for Builder<'a> {
+impl<'de: 'a, 'a> Deserialize<'de> for RawImages<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(ImagesVisitor(PhantomData))
+        deserializer.deserialize_any(ImagesVisitor(PhantomData))
     }
 }
 
 struct ImagesVisitor<'a>(PhantomData<&'a ()>);
 
 impl<'de: 'a, 'a> Visitor<'de> for ImagesVisitor<'a> {
-    type Value = Builder<'a>;
+    type Value = RawImages<'a>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a map of image references to lists of workloads")
+        f.write_str("a map of image references to lists of workloads (version 1), or a list of [shared, rest, [workload positions]] (version 2)")
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, seq: S) -> Result<Self::Value, S::Error> {
+        compact::RawImages::read(seq).map(RawImages::Compact)
     }
 
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
@@ -439,7 +512,7 @@ impl<'de: 'a, 'a> Visitor<'de> for ImagesVisitor<'a> {
             })?;
             builder.add(&key, &mut ids);
         }
-        Ok(builder)
+        Ok(RawImages::Map(Box::new(builder)))
     }
 }
 

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::index::containers::Containers;
 use crate::ingest::image::ImageRef;
 
 /// Every annotation gar-restarter reads or writes starts with this; the others are not
@@ -173,14 +174,16 @@ impl PullPolicy {
     }
 }
 
-/// One container's image as the pod template has it. Tens of thousands of these live in the
-/// view, so the strings are boxed (no spare capacity) and the policy is an enum.
+/// One container's image as the pod template has it, as decoded; the view keeps it packed
+/// ([`Containers`]) and hands out borrowed [`Container`](crate::index::containers::Container)s.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerImage {
     pub container: Box<str>,
     pub init: bool,
     /// The normalised tag reference it is indexed under (see [`index_key`]): `repo:tag@…`
     /// keeps its tag; `None` for `repo@sha256:…` (pinned by hand) or unparseable images.
+    ///
+    /// [`index_key`]: crate::ingest::image::index_key
     pub image: Option<ImageRef>,
     /// As declared; `None`: unset, Kubernetes' defaulting applies.
     pub pull_policy: Option<PullPolicy>,
@@ -189,20 +192,6 @@ pub struct ContainerImage {
     /// view holds no second copy): pin-digest keeps its spelling, and the pull-policy
     /// defaults read its tag.
     pub written: Option<Box<str>>,
-}
-
-impl ContainerImage {
-    /// Whether the pod template pins a digest (`…@sha256:…`): a restart cannot change it.
-    pub fn digest_pinned(&self) -> bool {
-        self.written.as_deref().is_some_and(|w| w.contains('@'))
-    }
-
-    /// The image as the pod template writes it (see [`ContainerImage::written`]).
-    pub fn spelled(&self) -> Option<&str> {
-        self.written
-            .as_deref()
-            .or_else(|| self.image.as_ref().map(ImageRef::as_str))
-    }
 }
 
 /// Rollout progress as the workload reports it: the inputs of kubectl's `rollout status`,
@@ -224,10 +213,10 @@ pub struct RolloutStatus {
     /// StatefulSet `spec.updateStrategy.rollingUpdate.partition`.
     pub partition: Option<i32>,
     /// StatefulSet `updateRevision` and `currentRevision`.
-    pub update_revision: Option<String>,
-    pub current_revision: Option<String>,
+    pub update_revision: Option<Box<str>>,
+    pub current_revision: Option<Box<str>>,
     /// The reason of a Deployment's `Progressing` condition (`ProgressDeadlineExceeded`: failed).
-    pub progressing_reason: Option<String>,
+    pub progressing_reason: Option<Box<str>>,
     /// Deployment `spec.progressDeadlineSeconds`.
     pub progress_deadline_seconds: Option<i32>,
     /// `OnDelete` update strategy (StatefulSet, DaemonSet): pods change only when someone
@@ -239,20 +228,20 @@ pub struct RolloutStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkloadState {
     pub workload: WorkloadRef,
-    pub containers: Vec<ContainerImage>,
+    pub containers: Containers,
     /// Deployment `spec.paused` (kubectl refuses to restart a paused Deployment).
     pub paused: bool,
     /// The workload's own `gar-restarter/enabled` annotation, raw, judged with `--opt-in`.
-    pub annotations_enabled: Option<String>,
+    pub annotations_enabled: Option<Box<str>>,
     /// The workload's own `gar-restarter/strategy` annotation, raw (judged when deciding,
     /// so that an unknown value is reported rather than guessed).
-    pub strategy: Option<String>,
+    pub strategy: Option<Box<str>>,
     pub last_restart: RestartRecord,
     /// The object's resourceVersion when seen: the PATCH precondition, so that a decision
     /// taken on a stale view fails with 409 and is taken again.
-    pub resource_version: Option<String>,
+    pub resource_version: Option<Box<str>>,
     /// The object's uid: what an Event names so that `kubectl describe` shows it.
-    pub uid: Option<String>,
+    pub uid: Option<Box<str>>,
     pub generation: i64,
     pub status: RolloutStatus,
 }
@@ -264,13 +253,11 @@ impl WorkloadState {
     }
 
     /// Distinct tag references the pod template runs (containers and init containers).
-    pub fn images(&self) -> Vec<ImageRef> {
-        let mut out: Vec<ImageRef> = Vec::new();
-        for c in &self.containers {
-            if let Some(i) = &c.image
-                && !out.contains(i)
-            {
-                out.push(i.clone());
+    pub fn images(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for image in self.containers.iter().filter_map(|c| c.image) {
+            if !out.contains(&image) {
+                out.push(image);
             }
         }
         out

@@ -253,6 +253,37 @@ impl KubeApi {
         .map(|o| serde_json::to_value(o).unwrap_or_default())
     }
 
+    /// A ConfigMap's keys as kubelet mounts them: `data` and `binaryData` (decoded), one
+    /// file's bytes per key. Empty when the ConfigMap does not exist.
+    pub fn configmap_files(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> std::collections::BTreeMap<String, Vec<u8>> {
+        let (namespace, name) = (ns.to_owned(), name.to_owned());
+        let cm = self
+            .with_admin(move |client| async move {
+                Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client, &namespace)
+                    .get_opt(&name)
+                    .await
+            })
+            .unwrap_or_else(|e| panic!("KubeApi::configmap_files {ns}: {e}"));
+        let Some(cm) = cm else {
+            return Default::default();
+        };
+        let text = cm
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.into_bytes()));
+        let binary = cm
+            .binary_data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0));
+        text.chain(binary).collect()
+    }
+
     /// Every object of a resource, in all namespaces, as the API server has them now.
     pub fn list(&self, resource_name: &str) -> Vec<Value> {
         let kind = resource_name.to_owned();

@@ -223,9 +223,15 @@ async fn live(binary: &Path, watched: usize, scale_only: bool) -> Result<()> {
     }
     if watched > 0 {
         let s = crate::freshness::scale(binary, watched, IMAGES_PER_WORKLOAD).await?;
+        let mounted = format!(
+            "a start with it mounted ({}, {:.2} MiB)",
+            s.mounted_form,
+            s.mounted_bytes as f64 / 1_048_576.0
+        );
         for (start, f) in [
             ("first start, no cache ConfigMap: a scan", &s.cold),
             ("next start, from the cache ConfigMap", &s.warm),
+            (mounted.as_str(), &s.mounted),
         ] {
             println!(
                 "| watch at scale: {} Deployments / {} refs on a real kube-apiserver, {start} | start → ready {:.2} s, start → watch listed {:.2} s, VmRSS {:.1} MiB (heap and stacks {:.1}, binary and libraries {:.1}; heap in use {:.1}, freed but held {:.1}), VmHWM {:.1} MiB |",

@@ -175,6 +175,12 @@ pub struct Scale {
     pub cold: Start,
     /// The next start: the index comes from the cache ConfigMap the first one wrote.
     pub warm: Start,
+    /// A start with that ConfigMap (and its shards) mounted, as the Deployment runs: the
+    /// index comes from the files.
+    pub mounted: Start,
+    /// The form the mounted snapshot was stored in, and its files' bytes.
+    pub mounted_form: String,
+    pub mounted_bytes: usize,
 }
 
 pub struct Start {
@@ -230,17 +236,70 @@ pub async fn scale(binary: &Path, workloads: usize, images: usize) -> Result<Sca
         &DaemonSpec {
             log: tmp.path().join("daemon-warm.log"),
             metrics_addr: free_addr()?,
+            ..spec.clone()
+        },
+        workloads,
+    )
+    .await?;
+    // A third start with the cache ConfigMap mounted, as the shipped Deployment has it (a
+    // projected volume of the main ConfigMap and its shards): ready on the files.
+    let (mounted_form, mounted_bytes) = mount_cache(&api, &spec.cache_dir)?;
+    let log = tmp.path().join("daemon-mounted.log");
+    let mounted = start_watched(
+        &DaemonSpec {
+            log: log.clone(),
+            log_filter: "info".into(),
+            metrics_addr: free_addr()?,
             ..spec
         },
         workloads,
     )
     .await?;
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    if !logged.contains("index loaded from the mount") {
+        bail!("the mounted start did not load its index from the mount:\n{logged}");
+    }
     Ok(Scale {
         workloads,
         refs: workloads * images,
         cold,
         warm,
+        mounted,
+        mounted_form,
+        mounted_bytes,
     })
+}
+
+/// Writes the cache ConfigMap's keys, and its shards' if it is sharded, into `dir` as a
+/// projected volume would: one file per key. Returns the form and the bytes written.
+fn mount_cache(api: &KubeApi, dir: &Path) -> Result<(String, usize)> {
+    let (ns, name) = gar_testsupport::daemon::CACHE_CONFIGMAP
+        .split_once('/')
+        .context("CACHE_CONFIGMAP is NAMESPACE/NAME")?;
+    let mut files = api.configmap_files(ns, name);
+    let form = if let Some(manifest) = files.get("cache-manifest.json") {
+        let manifest: serde_json::Value = serde_json::from_slice(manifest)?;
+        let shards = manifest["shards"]
+            .as_u64()
+            .context("the manifest names no shard count")?;
+        for i in 0..shards {
+            files.extend(api.configmap_files(ns, &format!("{name}-{i}")));
+        }
+        format!("sharded, {shards} shards")
+    } else if files.contains_key("cache.json.gz") {
+        "gzip".to_string()
+    } else if files.contains_key("cache.json") {
+        "plain".to_string()
+    } else {
+        bail!("the first starts wrote no cache ConfigMap {ns}/{name}");
+    };
+    std::fs::create_dir_all(dir)?;
+    let mut bytes = 0;
+    for (key, content) in &files {
+        bytes += content.len();
+        std::fs::write(dir.join(key), content)?;
+    }
+    Ok((form, bytes))
 }
 
 /// Spawns the daemon with its watch on and waits until it is ready and its watch has listed

@@ -18,7 +18,7 @@ use flate2::write::GzEncoder;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::index::table::{Index, IndexError};
+use crate::index::table::{Index, IndexError, MAX_KEY_BYTES};
 
 pub const PLAIN_KEY: &str = "cache.json";
 pub const GZIP_KEY: &str = "cache.json.gz";
@@ -118,6 +118,10 @@ pub enum CodecError {
     Decompressed { limit: usize, stored: usize },
     #[error("index JSON is {bytes} bytes, over the {limit} bytes a reader accepts")]
     JsonTooLarge { bytes: usize, limit: usize },
+    #[error(
+        "the index's images add up to {bytes} bytes, over the {MAX_KEY_BYTES} a reader accepts"
+    )]
+    KeysTooLarge { bytes: usize },
 }
 
 /// Size limits, parameters so tests can force every form with small inputs.
@@ -141,22 +145,32 @@ impl Default for Limits {
     }
 }
 
+/// The plain form (version 1 JSON) while it fits one ConfigMap, else the compact form
+/// (version 2) gzipped, in one ConfigMap or in shards.
 pub fn encode(index: &Index, limits: Limits) -> Result<Encoded, CodecError> {
-    let json = index.to_json();
+    if plain_at_least(index) <= limits.payload {
+        let json = index.to_json();
+        if json.len() <= limits.payload {
+            let text = String::from_utf8_lossy(&json).into_owned();
+            return Ok(Encoded {
+                form: Form::Plain,
+                bytes: text.len(),
+                data: BTreeMap::from([(PLAIN_KEY.to_string(), text)]),
+                binary_data: BTreeMap::new(),
+                shards: Vec::new(),
+            });
+        }
+    }
+    if index.key_bytes() > MAX_KEY_BYTES {
+        return Err(CodecError::KeysTooLarge {
+            bytes: index.key_bytes(),
+        });
+    }
+    let json = index.to_compact_json();
     if json.len() > limits.max_json {
         return Err(CodecError::JsonTooLarge {
             bytes: json.len(),
             limit: limits.max_json,
-        });
-    }
-    if json.len() <= limits.payload {
-        let text = String::from_utf8_lossy(&json).into_owned();
-        return Ok(Encoded {
-            form: Form::Plain,
-            bytes: text.len(),
-            data: BTreeMap::from([(PLAIN_KEY.to_string(), text)]),
-            binary_data: BTreeMap::new(),
-            shards: Vec::new(),
         });
     }
     let gz = gzip(&json)?;
@@ -197,6 +211,19 @@ pub fn encode(index: &Index, limits: Limits) -> Result<Encoded, CodecError> {
         binary_data: BTreeMap::new(),
         shards,
     })
+}
+
+/// A lower bound on the plain JSON's length, without writing it: every key quoted, and per
+/// reference `{"namespace":"…","name":"…"}`. At 100,000 workloads the plain JSON would be
+/// 61 MiB, built only to be found too large.
+fn plain_at_least(index: &Index) -> usize {
+    index
+        .iter()
+        .map(|(key, list)| {
+            let refs: usize = list.map(|w| 26 + w.namespace.len() + w.name.len()).sum();
+            key.len() + 3 + refs
+        })
+        .sum()
 }
 
 /// Decodes whichever form is present. `shard` fetches shard `i`'s bytes (from the same
@@ -425,9 +452,11 @@ mod tests {
     #[test]
     fn what_we_write_we_can_read_back() {
         let index = big_index(2_000);
-        let json = index.to_json().len();
+        // The compressed forms store the compact JSON; the limit applies to it.
+        let json = index.to_compact_json().len();
         let limits = Limits {
             max_json: json - 1,
+            payload: 1_000,
             ..Limits::default()
         };
         assert!(matches!(
@@ -447,7 +476,7 @@ mod tests {
         let (back, _) = decode_limited(&enc.data, &enc.binary_data, shards, json).unwrap();
         assert!(back.same_content(&index));
         // And the default limit leaves the supported scale (20,000 workloads) ample room.
-        let twenty_k = big_index(20_000).to_json().len();
+        let twenty_k = big_index(20_000).to_compact_json().len();
         assert!(twenty_k * 6 < MAX_DECOMPRESSED_BYTES, "{twenty_k} bytes");
     }
 }

@@ -345,7 +345,11 @@ mod tests {
     use crate::index::table::Scope;
 
     fn at(stamp: &str) -> Index {
-        Index::build(Vec::new(), Scope::default(), stamp.to_string())
+        Index::build(
+            Vec::<(_, Vec<&str>)>::new(),
+            Scope::default(),
+            stamp.to_string(),
+        )
     }
 
     #[test]
