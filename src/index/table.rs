@@ -366,7 +366,11 @@ impl<'a> Builder<'a> {
         let workloads = &mut self.index.workloads;
         *self
             .interned
-            .entry((w.kind, Cow::Borrowed(&*w.namespace), Cow::Borrowed(&*w.name)))
+            .entry((
+                w.kind,
+                Cow::Borrowed(&*w.namespace),
+                Cow::Borrowed(&*w.name),
+            ))
             .or_insert_with(|| {
                 workloads.push(w.clone());
                 workloads.len() as u32 - 1
