@@ -340,11 +340,17 @@ impl LiveView {
 
     /// The view as a snapshot index, for the cache ConfigMap and the next start-up.
     pub fn snapshot(&self, scope: Scope, generated_at: String) -> Index {
-        let st = self.read();
-        let entries = st
+        // The states are taken under the lock (a pointer each) and the index is built after
+        // it, so the watch is not held up: at 100,000 workloads the build takes a while.
+        let states: Vec<Arc<WorkloadState>> = self
+            .read()
             .workloads
             .iter()
             .filter(|w| w.enabled(self.opt_in))
+            .cloned()
+            .collect();
+        let entries = states
+            .iter()
             .map(|w| (w.workload.clone(), w.images()))
             .filter(|(_, images)| !images.is_empty());
         Index::build(entries, scope, generated_at)
