@@ -134,20 +134,24 @@ impl Cluster {
         )
         .map_err(|e| ClusterError::Setup(format!("cannot write {}: {e}", tokens.display())))?;
 
-        let etcd_port = free_port()?;
-        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
-        let etcd = start_etcd(&etcd_bin, dir.path(), etcd_port)?;
-
-        let port = free_port()?;
-        let server = format!("https://127.0.0.1:{port}");
-        let apiserver_args = apiserver_args(dir.path(), &pki, &tokens, &etcd_url, port);
-        let mut apiserver = Process::spawn(
-            "kube-apiserver",
-            &kube.join("kube-apiserver"),
-            &apiserver_args,
-            dir.path().join("kube-apiserver.log"),
-        )?;
-        wait_api_ready(&mut apiserver, &server, &pki.ca_pem, &admin_token)?;
+        let (etcd, etcd_url) = on_free_ports(|| {
+            let etcd_port = free_port()?;
+            let etcd = start_etcd(&etcd_bin, dir.path(), etcd_port)?;
+            Ok((etcd, format!("http://127.0.0.1:{etcd_port}")))
+        })?;
+        let (apiserver, server, apiserver_args) = on_free_ports(|| {
+            let port = free_port()?;
+            let server = format!("https://127.0.0.1:{port}");
+            let args = apiserver_args(dir.path(), &pki, &tokens, &etcd_url, port);
+            let mut apiserver = Process::spawn(
+                "kube-apiserver",
+                &kube.join("kube-apiserver"),
+                &args,
+                dir.path().join("kube-apiserver.log"),
+            )?;
+            wait_api_ready(&mut apiserver, &server, &pki.ca_pem, &admin_token)?;
+            Ok((apiserver, server, args))
+        })?;
 
         let admin_kubeconfig = dir.path().join("admin.kubeconfig");
         kubeconfig::write(
@@ -425,7 +429,26 @@ impl Cluster {
     }
 }
 
+/// Runs `start` again, on new ports, when what it started could not bind one: a port found
+/// free is released before the server binds it, and in between a test's outgoing connection
+/// may take it as its ephemeral port (it happened: etcd exited with "address already in use").
+fn on_free_ports<T>(mut start: impl FnMut() -> Result<T, ClusterError>) -> Result<T, ClusterError> {
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 1;
+    loop {
+        match start() {
+            Err(e) if attempt < ATTEMPTS && e.to_string().contains("address already in use") => {
+                eprintln!("gar-testsupport: a port was taken meanwhile, starting again: {e}");
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
 fn start_etcd(bin: &Path, dir: &Path, port: u16) -> Result<Process, ClusterError> {
+    // What an attempt that could not bind its ports left (see `on_free_ports`).
+    let _ = std::fs::remove_dir_all(dir.join("etcd"));
     // The peer port is bound but never used by a one-member cluster.
     let peer = free_port()?;
     let client_url = format!("http://127.0.0.1:{port}");
@@ -550,5 +573,38 @@ fn wait_api_ready(
             log: apiserver.log.clone(),
             log_tail: apiserver.log_tail(6000),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_that_lost_its_port_is_tried_again_on_new_ones() {
+        let taken =
+            || ClusterError::Setup("listen tcp 127.0.0.1:1: bind: address already in use".into());
+        let mut calls = 0;
+        let started = on_free_ports(|| {
+            calls += 1;
+            if calls < 3 { Err(taken()) } else { Ok(calls) }
+        });
+        assert_eq!(started.unwrap(), 3);
+
+        let mut calls = 0;
+        let failed: Result<(), _> = on_free_ports(|| {
+            calls += 1;
+            Err(taken())
+        });
+        assert!(failed.is_err());
+        assert_eq!(calls, 3, "three attempts, then the error");
+
+        let mut calls = 0;
+        let other: Result<(), _> = on_free_ports(|| {
+            calls += 1;
+            Err(ClusterError::Setup("no such binary".into()))
+        });
+        assert!(other.is_err());
+        assert_eq!(calls, 1, "any other failure is not retried");
     }
 }
