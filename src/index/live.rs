@@ -370,13 +370,7 @@ fn upsert(st: &mut State, key: Key, mut w: WorkloadState) {
         hasher,
         ..
     } = st;
-    let mut seen: Vec<&str> = Vec::new();
-    for (i, image) in w.containers.iter().enumerate() {
-        let Some(image) = image.image else { continue };
-        if seen.contains(&image) {
-            continue;
-        }
-        seen.push(image);
+    for (i, image) in w.images_by_container() {
         let hash = hasher.hash_one(image);
         match by_image.find_mut(hash, |h| h.image() == image) {
             Some(holders) => holders.add(w.clone()),

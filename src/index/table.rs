@@ -191,25 +191,6 @@ impl Index {
         builder.finish(true, Some(generated_at), Some(scope))
     }
 
-    pub fn from_file(file: IndexFile) -> Self {
-        let mut builder = Builder::default();
-        let mut ids = Vec::new();
-        for (key, workloads) in &file.images {
-            ids.clear();
-            for w in workloads {
-                ids.push(builder.workload(
-                    w.kind,
-                    Cow::Borrowed(&*w.namespace),
-                    Cow::Borrowed(&*w.name),
-                    w.paused,
-                ));
-            }
-            builder.add(key, &mut ids);
-        }
-        let trusted = file.version.is_some();
-        builder.finish(trusted, file.generated_at, file.scope)
-    }
-
     /// Parses `cache.json` borrowing from `bytes`: a 50,000-ref index loads in milliseconds.
     pub fn from_json(bytes: &[u8]) -> Result<Self, IndexError> {
         let raw: RawIndexFile<'_> = serde_json::from_slice(bytes)?;
@@ -348,33 +329,34 @@ impl<'a> Builder<'a> {
         name: Cow<'a, str>,
         paused: bool,
     ) -> u32 {
-        let workloads = &mut self.index.workloads;
-        *self
-            .interned
-            .entry((kind, namespace, name))
-            .or_insert_with_key(|(kind, namespace, name)| {
-                let id = workloads.len() as u32;
-                let mut w = WorkloadRef::new(*kind, namespace, name);
-                w.paused = paused;
-                workloads.push(w);
-                id
-            })
+        self.intern((kind, namespace, name), |(kind, namespace, name)| {
+            let mut w = WorkloadRef::new(*kind, namespace, name);
+            w.paused = paused;
+            w
+        })
     }
 
     /// The id of `w`, which the index then shares (its names are not copied).
     fn shared_workload(&mut self, w: &'a WorkloadRef) -> u32 {
+        let key = (
+            w.kind,
+            Cow::Borrowed(&*w.namespace),
+            Cow::Borrowed(&*w.name),
+        );
+        self.intern(key, |_| w.clone())
+    }
+
+    /// The id of the workload `key` names; the first time, `make` gives the workload.
+    fn intern(
+        &mut self,
+        key: (WorkloadKind, Cow<'a, str>, Cow<'a, str>),
+        make: impl FnOnce(&(WorkloadKind, Cow<'a, str>, Cow<'a, str>)) -> WorkloadRef,
+    ) -> u32 {
         let workloads = &mut self.index.workloads;
-        *self
-            .interned
-            .entry((
-                w.kind,
-                Cow::Borrowed(&*w.namespace),
-                Cow::Borrowed(&*w.name),
-            ))
-            .or_insert_with(|| {
-                workloads.push(w.clone());
-                workloads.len() as u32 - 1
-            })
+        *self.interned.entry(key).or_insert_with_key(|key| {
+            workloads.push(make(key));
+            workloads.len() as u32 - 1
+        })
     }
 
     /// Adds `key` → `ids` (sorted and deduplicated here); a repeated key merges its lists,

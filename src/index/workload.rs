@@ -254,10 +254,20 @@ impl WorkloadState {
 
     /// Distinct tag references the pod template runs (containers and init containers).
     pub fn images(&self) -> Vec<&str> {
-        let mut out: Vec<&str> = Vec::new();
-        for image in self.containers.iter().filter_map(|c| c.image) {
-            if !out.contains(&image) {
-                out.push(image);
+        self.images_by_container()
+            .into_iter()
+            .map(|(_, image)| image)
+            .collect()
+    }
+
+    /// [`WorkloadState::images`], each with the index of the first container that runs it.
+    pub fn images_by_container(&self) -> Vec<(usize, &str)> {
+        let mut out: Vec<(usize, &str)> = Vec::new();
+        for (i, c) in self.containers.iter().enumerate() {
+            if let Some(image) = c.image
+                && !out.iter().any(|&(_, seen)| seen == image)
+            {
+                out.push((i, image));
             }
         }
         out
